@@ -1,0 +1,1 @@
+"""Generated client code of TwoFactorService; the API lives in `twofactor.v1`."""

@@ -1,0 +1,1 @@
+"""TwoFactorService: the gRPC service that owns accounts' TOTP secret keys."""

@@ -1,0 +1,33 @@
+"""Who is calling, for the audit log: a signed-in actor, an anonymous caller, or the CLI."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from twofactor_service.rules import Actor
+from twofactor_service.store.audit import AuditEntry
+
+
+@dataclass(frozen=True)
+class Caller:
+    actor: Actor | None
+    # The name recorded as actor: the actor's username, "cli:<os user>", or "" (anonymous).
+    actor_name: str
+    operation: str
+    request_id: str
+    peer: str
+
+    def audit(self, target: str, *, success: bool = True, reason: str = "") -> AuditEntry:
+        return AuditEntry(
+            actor=self.actor_name,
+            target=target,
+            operation=self.operation,
+            success=success,
+            reason=reason,
+            request_id=self.request_id,
+            peer=self.peer,
+        )
+
+    def signed_in(self) -> Actor:
+        assert self.actor is not None, "operation needs a signed-in actor"
+        return self.actor

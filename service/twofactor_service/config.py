@@ -1,0 +1,136 @@
+"""Configuration: read once at start from `TWOFACTOR_*` environment variables into a frozen object."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+PREFIX = "TWOFACTOR_"
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing or malformed; the message names the variable."""
+
+
+@dataclass(frozen=True)
+class TotpParameters:
+    """RFC 6238 parameters of newly made keys (existing keys keep their own)."""
+
+    algorithm: str = "SHA1"
+    digits: int = 6
+    period_seconds: int = 30
+    # Steps accepted before and after the current one (clock drift tolerance).
+    valid_window: int = 1
+    # 160-bit secrets, RFC 4226 R6.
+    secret_bytes: int = 20
+
+
+@dataclass(frozen=True)
+class LockoutPolicy:
+    """Consecutive failures allowed free, then a lockout that doubles up to a cap."""
+
+    free_failures: int = 5
+    first_delay_seconds: int = 30
+    max_delay_seconds: int = 900
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    cert_file: Path
+    key_file: Path
+    # When set, clients must present a certificate signed by this CA (mTLS).
+    client_ca_file: Path | None = None
+
+
+@dataclass(frozen=True)
+class Config:
+    listen_address: str = "127.0.0.1:50051"
+    # None: start the embedded PostgreSQL in `data_dir`.
+    database_url: str | None = None
+    data_dir: Path = Path(".data")
+    database_pool_size: int = 10
+    issuer_name: str = "TwoFactorService"
+    totp: TotpParameters = field(default_factory=TotpParameters)
+    lockout: LockoutPolicy = field(default_factory=LockoutPolicy)
+    pending_key_ttl_seconds: int = 600
+    enrollment_ticket_ttl_seconds: int = 600
+    session_ttl_seconds: int = 8 * 3600
+    session_idle_seconds: int = 30 * 60
+    # "kid:base64key,kid2:base64key": the first encrypts new secrets, all decrypt.
+    encryption_keys: str | None = None
+    encryption_key_file: Path | None = None
+    metrics_address: str | None = None
+    log_level: str = "INFO"
+    tls: TlsConfig | None = None
+    max_message_bytes: int = 64 * 1024
+    workers: int = 1
+
+    @property
+    def embedded_database(self) -> bool:
+        return self.database_url is None
+
+
+def _int(env: Mapping[str, str], name: str, default: int, low: int, high: int) -> int:
+    raw = env.get(PREFIX + name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{PREFIX}{name} must be a whole number, got {raw!r}") from None
+    if not low <= value <= high:
+        raise ConfigError(f"{PREFIX}{name} must be between {low} and {high}, got {value}")
+    return value
+
+
+def _path(env: Mapping[str, str], name: str) -> Path | None:
+    raw = env.get(PREFIX + name)
+    return Path(raw) if raw else None
+
+
+def load_config(env: Mapping[str, str] | None = None) -> Config:
+    """Builds the configuration from the environment; raises ConfigError with the variable's name."""
+    env = os.environ if env is None else env
+    algorithm = env.get(PREFIX + "TOTP_ALGORITHM", "SHA1").upper()
+    if algorithm not in ("SHA1", "SHA256", "SHA512"):
+        raise ConfigError(f"{PREFIX}TOTP_ALGORITHM must be SHA1, SHA256 or SHA512, got {algorithm!r}")
+    totp = TotpParameters(
+        algorithm=algorithm,
+        digits=_int(env, "TOTP_DIGITS", 6, 6, 8),
+        period_seconds=_int(env, "TOTP_PERIOD_SECONDS", 30, 15, 120),
+        valid_window=_int(env, "TOTP_VALID_WINDOW", 1, 0, 3),
+    )
+    lockout = LockoutPolicy(
+        free_failures=_int(env, "LOCKOUT_FREE_FAILURES", 5, 1, 20),
+        first_delay_seconds=_int(env, "LOCKOUT_FIRST_DELAY_SECONDS", 30, 1, 3600),
+        max_delay_seconds=_int(env, "LOCKOUT_MAX_DELAY_SECONDS", 900, 1, 86400),
+    )
+    tls = None
+    cert, key = _path(env, "TLS_CERT_FILE"), _path(env, "TLS_KEY_FILE")
+    if cert or key:
+        if not (cert and key):
+            raise ConfigError(f"{PREFIX}TLS_CERT_FILE and {PREFIX}TLS_KEY_FILE go together")
+        tls = TlsConfig(cert, key, _path(env, "TLS_CLIENT_CA_FILE"))
+    log_level = env.get(PREFIX + "LOG_LEVEL", "INFO").upper()
+    if log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise ConfigError(f"{PREFIX}LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR")
+    issuer = env.get(PREFIX + "ISSUER_NAME", "TwoFactorService")
+    return Config(
+        listen_address=env.get(PREFIX + "LISTEN_ADDRESS", "127.0.0.1:50051"),
+        database_url=env.get(PREFIX + "DATABASE_URL") or None,
+        data_dir=_path(env, "DATA_DIR") or Path(".data"),
+        database_pool_size=_int(env, "DATABASE_POOL_SIZE", 10, 1, 200),
+        issuer_name=issuer,
+        totp=totp,
+        lockout=lockout,
+        session_ttl_seconds=_int(env, "SESSION_TTL_SECONDS", 8 * 3600, 60, 30 * 86400),
+        session_idle_seconds=_int(env, "SESSION_IDLE_SECONDS", 30 * 60, 60, 30 * 86400),
+        encryption_keys=env.get(PREFIX + "ENCRYPTION_KEYS") or None,
+        encryption_key_file=_path(env, "ENCRYPTION_KEY_FILE"),
+        metrics_address=env.get(PREFIX + "METRICS_ADDRESS") or None,
+        log_level=log_level,
+        tls=tls,
+        workers=_int(env, "WORKERS", 1, 1, 64),
+    )

@@ -1,0 +1,147 @@
+"""Domain errors: each carries the gRPC status, a stable ErrorInfo reason and a message a person can act on.
+
+One interceptor (transport.errors) turns them into a `google.rpc.Status`. Messages never hold a
+secret, code, password or token.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+
+class TwoFactorError(Exception):
+    code: grpc.StatusCode = grpc.StatusCode.FAILED_PRECONDITION
+    reason: str = "FAILED_PRECONDITION"
+
+    def __init__(self, message: str, *, retry_after_seconds: float | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.retry_after_seconds = retry_after_seconds
+
+
+class InvalidArgument(TwoFactorError):
+    code = grpc.StatusCode.INVALID_ARGUMENT
+    reason = "INVALID_ARGUMENT"
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+class AccountNotFound(TwoFactorError):
+    code = grpc.StatusCode.NOT_FOUND
+    reason = "ACCOUNT_NOT_FOUND"
+
+    def __init__(self, username: str) -> None:
+        super().__init__(f"no account named {username!r}")
+
+
+class AccountExists(TwoFactorError):
+    code = grpc.StatusCode.ALREADY_EXISTS
+    reason = "ACCOUNT_EXISTS"
+
+    def __init__(self, username: str) -> None:
+        super().__init__(f"an account named {username!r} already exists (names are case-insensitive)")
+
+
+class Unauthenticated(TwoFactorError):
+    code = grpc.StatusCode.UNAUTHENTICATED
+    reason = "UNAUTHENTICATED"
+
+
+class InvalidCredentials(Unauthenticated):
+    reason = "INVALID_CREDENTIALS"
+
+    def __init__(self) -> None:
+        # One message for unknown account, wrong password and wrong code: no enumeration.
+        super().__init__("the username, password or code is wrong")
+
+
+class CodeRequired(Unauthenticated):
+    reason = "CODE_REQUIRED"
+
+    def __init__(self) -> None:
+        super().__init__("this account has two-factor authentication: send the current code")
+
+
+class PermissionDenied(TwoFactorError):
+    code = grpc.StatusCode.PERMISSION_DENIED
+    reason = "PERMISSION_DENIED"
+
+
+class MissingRight(PermissionDenied):
+    reason = "MISSING_RIGHT"
+
+
+class TwoFactorNotConfigured(PermissionDenied):
+    reason = "TWO_FACTOR_NOT_CONFIGURED"
+
+    def __init__(self) -> None:
+        super().__init__(
+            "this operation needs an actor who has configured two-factor authentication "
+            "and signed in with it; set up a key and sign in again"
+        )
+
+
+class StepUpRequired(TwoFactorError):
+    reason = "STEP_UP_REQUIRED"
+
+    def __init__(self, target: str) -> None:
+        super().__init__(
+            f"account {target!r} is protected against unauthorized modification: repeat the call "
+            "with your own password (x-step-up-password) and a current code of your own key "
+            "(x-step-up-code)"
+        )
+
+
+class StepUpFailed(PermissionDenied):
+    reason = "STEP_UP_FAILED"
+
+    def __init__(self) -> None:
+        super().__init__("the account protection check failed: your password or code is wrong")
+
+
+class TwoFactorKeyDeleted(TwoFactorError):
+    reason = "TWO_FACTOR_KEY_DELETED"
+
+    def __init__(self) -> None:
+        super().__init__(
+            "this account's two-factor secret key was deleted and it cannot sign in; "
+            "an administrator must add it to the two-factor allowlist"
+        )
+
+
+class RuleViolation(TwoFactorError):
+    """A request that is well-formed but breaks a rule of the seed (FAILED_PRECONDITION)."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class LockedOut(TwoFactorError):
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    reason = "TOO_MANY_FAILED_ATTEMPTS"
+
+    def __init__(self, retry_after_seconds: float) -> None:
+        super().__init__(
+            "too many failed attempts: this account is locked for "
+            f"{max(1, round(retry_after_seconds))} more seconds",
+            retry_after_seconds=retry_after_seconds,
+        )
+
+
+class Conflict(TwoFactorError):
+    code = grpc.StatusCode.ABORTED
+    reason = "CONCURRENT_MODIFICATION"
+
+    def __init__(self) -> None:
+        super().__init__("another change to the same account happened at the same time; retry")
+
+
+class DatabaseUnavailable(TwoFactorError):
+    code = grpc.StatusCode.UNAVAILABLE
+    reason = "DATABASE_UNAVAILABLE"
+
+    def __init__(self) -> None:
+        super().__init__("the database is unavailable; retry shortly", retry_after_seconds=1.0)

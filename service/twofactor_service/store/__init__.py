@@ -1,0 +1,1 @@
+"""PostgreSQL through asyncpg: plain SQL, one module per aggregate; callers own the transaction."""

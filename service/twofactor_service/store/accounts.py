@@ -1,0 +1,222 @@
+"""Accounts, their rights, list memberships (allowlist, exclusion list) and failure counters."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+import asyncpg
+
+from twofactor_service.rules import AccountKind, Right, TwoFactorState, two_factor_state
+
+
+@dataclass(frozen=True)
+class AccountRecord:
+    id: int
+    username: str
+    kind: AccountKind
+    password_hash: str | None
+    protected: bool
+    allowlisted: bool
+    excluded: bool
+    failed_attempts: int
+    locked_until: datetime | None
+    key_created_at: datetime | None
+    has_pending_key: bool
+    rights: tuple[Right, ...]
+
+    @property
+    def has_active_key(self) -> bool:
+        return self.key_created_at is not None
+
+    @property
+    def state(self) -> TwoFactorState:
+        return two_factor_state(
+            has_active_key=self.has_active_key, allowlisted=self.allowlisted, excluded=self.excluded
+        )
+
+    def __repr__(self) -> str:
+        # The password hash stays out of logs and tracebacks.
+        return f"AccountRecord(id={self.id}, username={self.username!r}, state={self.state.name})"
+
+
+_SELECT_ACCOUNT = """
+SELECT a.id, a.username, a.kind, a.password_hash, a.protected, a.allowlisted, a.excluded,
+       a.failed_attempts, a.locked_until,
+       ak.created_at AS key_created_at,
+       (pk.id IS NOT NULL) AS has_pending_key,
+       array(SELECT functional_area FROM account_rights r WHERE r.account_id = a.id
+             ORDER BY functional_area, permission) AS right_areas,
+       array(SELECT permission FROM account_rights r WHERE r.account_id = a.id
+             ORDER BY functional_area, permission) AS right_permissions
+FROM accounts a
+LEFT JOIN secret_keys ak ON ak.account_id = a.id AND ak.state = 'ACTIVE'
+LEFT JOIN secret_keys pk ON pk.account_id = a.id AND pk.state = 'PENDING' AND pk.expires_at > now()
+"""
+
+
+def username_key(username: str) -> str:
+    return username.casefold()
+
+
+def _record(row: asyncpg.Record) -> AccountRecord:
+    return AccountRecord(
+        id=row["id"],
+        username=row["username"],
+        kind=AccountKind(row["kind"]),
+        password_hash=row["password_hash"],
+        protected=row["protected"],
+        allowlisted=row["allowlisted"],
+        excluded=row["excluded"],
+        failed_attempts=row["failed_attempts"],
+        locked_until=row["locked_until"],
+        key_created_at=row["key_created_at"],
+        has_pending_key=row["has_pending_key"],
+        rights=tuple(zip(row["right_areas"], row["right_permissions"], strict=True)),
+    )
+
+
+async def find(conn: asyncpg.Connection, username: str) -> AccountRecord | None:
+    row = await conn.fetchrow(_SELECT_ACCOUNT + "WHERE a.username_key = $1", username_key(username))
+    return _record(row) if row else None
+
+
+async def find_by_id(conn: asyncpg.Connection, account_id: int) -> AccountRecord:
+    row = await conn.fetchrow(_SELECT_ACCOUNT + "WHERE a.id = $1", account_id)
+    assert row is not None, "account vanished inside its own transaction"
+    return _record(row)
+
+
+async def lock(conn: asyncpg.Connection, username: str) -> AccountRecord | None:
+    """Locks the account row for the rest of the transaction, then reads it.
+
+    Two administrators changing one account serialise here, so each sees the other's result.
+    """
+    account_id = await conn.fetchval(
+        "SELECT id FROM accounts WHERE username_key = $1 FOR UPDATE", username_key(username)
+    )
+    return None if account_id is None else await find_by_id(conn, account_id)
+
+
+async def create(
+    conn: asyncpg.Connection,
+    *,
+    username: str,
+    kind: AccountKind,
+    password_hash: str | None,
+    protected: bool,
+    excluded: bool,
+) -> int | None:
+    """Inserts the account; None when the (case-insensitive) name is taken."""
+    account_id: int | None = await conn.fetchval(
+        """
+        INSERT INTO accounts (username, username_key, kind, password_hash, protected,
+                              allowlisted, excluded)
+        VALUES ($1, $2, $3, $4, $5, NOT $6, $6)
+        ON CONFLICT (username_key) DO NOTHING
+        RETURNING id
+        """,
+        username,
+        username_key(username),
+        kind.value,
+        password_hash,
+        protected,
+        excluded,
+    )
+    return account_id
+
+
+async def set_lists(
+    conn: asyncpg.Connection, account_id: int, *, allowlisted: bool, excluded: bool
+) -> None:
+    await conn.execute(
+        "UPDATE accounts SET allowlisted = $2, excluded = $3 WHERE id = $1",
+        account_id,
+        allowlisted,
+        excluded,
+    )
+
+
+async def set_protected(conn: asyncpg.Connection, account_id: int, protected: bool) -> None:
+    await conn.execute("UPDATE accounts SET protected = $2 WHERE id = $1", account_id, protected)
+
+
+async def set_password_hash(conn: asyncpg.Connection, account_id: int, password_hash: str) -> None:
+    await conn.execute(
+        "UPDATE accounts SET password_hash = $2 WHERE id = $1", account_id, password_hash
+    )
+
+
+async def grant(conn: asyncpg.Connection, account_id: int, right: Right) -> None:
+    await conn.execute(
+        "INSERT INTO account_rights (account_id, functional_area, permission) VALUES ($1, $2, $3)"
+        " ON CONFLICT DO NOTHING",
+        account_id,
+        *right,
+    )
+
+
+async def revoke(conn: asyncpg.Connection, account_id: int, right: Right) -> None:
+    await conn.execute(
+        "DELETE FROM account_rights WHERE account_id = $1 AND functional_area = $2"
+        " AND permission = $3",
+        account_id,
+        *right,
+    )
+
+
+async def list_members(
+    conn: asyncpg.Connection, column: str, *, after: str, limit: int
+) -> list[AccountRecord]:
+    """Accounts on one list ("allowlisted" or "excluded"), by username key, after a page token."""
+    assert column in ("allowlisted", "excluded")
+    rows = await conn.fetch(
+        _SELECT_ACCOUNT + f"WHERE a.{column} AND a.username_key > $1 ORDER BY a.username_key LIMIT $2",
+        after,
+        limit,
+    )
+    return [_record(r) for r in rows]
+
+
+async def record_failure(
+    conn: asyncpg.Connection, account_id: int, schedule: list[int]
+) -> tuple[int, datetime | None]:
+    """Counts one failed attempt and applies the lockout schedule, in one atomic statement.
+
+    `schedule[n-1]` is the delay after n consecutive failures; past its end the last delay holds.
+    """
+    row = await conn.fetchrow(
+        """
+        UPDATE accounts
+        SET failed_attempts = failed_attempts + 1,
+            locked_until = CASE
+                WHEN ($2::int[])[least(failed_attempts + 1, cardinality($2::int[]))] > 0
+                THEN now() + make_interval(
+                    secs => ($2::int[])[least(failed_attempts + 1, cardinality($2::int[]))])
+                ELSE locked_until END
+        WHERE id = $1
+        RETURNING failed_attempts, locked_until
+        """,
+        account_id,
+        schedule,
+    )
+    assert row is not None
+    return row["failed_attempts"], row["locked_until"]
+
+
+async def clear_failures(conn: asyncpg.Connection, account_id: int) -> None:
+    await conn.execute(
+        "UPDATE accounts SET failed_attempts = 0, locked_until = NULL"
+        " WHERE id = $1 AND (failed_attempts <> 0 OR locked_until IS NOT NULL)",
+        account_id,
+    )
+
+
+async def lock_remaining_seconds(conn: asyncpg.Connection, account_id: int) -> float:
+    """Seconds left of the account's lockout, 0 when attempts are open."""
+    remaining: float = await conn.fetchval(
+        "SELECT greatest(0, extract(epoch FROM locked_until - now()))::float8"
+        " FROM accounts WHERE id = $1",
+        account_id,
+    ) or 0.0
+    return remaining

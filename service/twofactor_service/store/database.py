@@ -1,0 +1,51 @@
+"""The connection pool, and the embedded PostgreSQL used when no database URL is configured."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+
+log = logging.getLogger(__name__)
+
+
+def start_embedded(data_dir: Path) -> str:
+    """Starts (or joins) a real PostgreSQL from the `pgserver` package in `data_dir/postgres`;
+    the data survives restarts. Returns its connection URL (a unix socket)."""
+    import pgserver  # imported here: only the embedded mode needs it
+
+    pgdata = (data_dir / "postgres").resolve()
+    pgdata.parent.mkdir(parents=True, exist_ok=True)
+    server = pgserver.get_server(pgdata, cleanup_mode="stop")
+    url: str = server.get_uri()
+    return url
+
+
+async def create_pool(url: str, size: int) -> asyncpg.Pool:
+    pool: asyncpg.Pool = await asyncpg.create_pool(
+        url,
+        min_size=1,
+        max_size=size,
+        # Give up quickly when PostgreSQL is down, so calls fail fast with UNAVAILABLE.
+        timeout=5,
+        command_timeout=30,
+        # Statements are prepared once per connection and reused (asyncpg's statement cache).
+        max_inactive_connection_lifetime=300,
+        server_settings={"application_name": "twofactor-service"},
+    )
+    return pool
+
+
+async def ping(pool: asyncpg.Pool, timeout: float = 2.0) -> bool:
+    try:
+        async with pool.acquire(timeout=timeout) as conn:
+            await conn.fetchval("SELECT 1", timeout=timeout)
+    except Exception:  # noqa: BLE001 - any failure means "not serving"
+        return False
+    return True
+
+
+def pool_usage(pool: asyncpg.Pool) -> dict[str, Any]:
+    return {"size": pool.get_size(), "idle": pool.get_idle_size(), "max": pool.get_max_size()}

@@ -1,0 +1,202 @@
+"""TOTP secret keys: at most one ACTIVE and one PENDING per account, stored encrypted."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+import asyncpg
+
+from twofactor_service.encryption import Sealed
+from twofactor_service.totp import KeyParameters
+
+
+@dataclass(frozen=True)
+class StoredKey:
+    id: int
+    account_id: int
+    sealed: Sealed
+    parameters: KeyParameters
+    last_used_step: int
+    created_at: datetime
+    expires_at: datetime | None
+
+    def __repr__(self) -> str:
+        return f"StoredKey(id={self.id}, account_id={self.account_id})"
+
+
+def _stored(row: asyncpg.Record) -> StoredKey:
+    return StoredKey(
+        id=row["id"],
+        account_id=row["account_id"],
+        sealed=Sealed(row["encryption_key_id"], row["nonce"], row["ciphertext"]),
+        parameters=KeyParameters(row["algorithm"], row["digits"], row["period_seconds"]),
+        last_used_step=row["last_used_step"],
+        created_at=row["created_at"],
+        expires_at=row["expires_at"],
+    )
+
+
+_COLUMNS = (
+    "id, account_id, encryption_key_id, nonce, ciphertext, algorithm, digits, period_seconds,"
+    " last_used_step, created_at, expires_at"
+)
+
+
+async def active(conn: asyncpg.Connection, account_id: int) -> StoredKey | None:
+    row = await conn.fetchrow(
+        f"SELECT {_COLUMNS} FROM secret_keys WHERE account_id = $1 AND state = 'ACTIVE'",
+        account_id,
+    )
+    return _stored(row) if row else None
+
+
+async def pending(conn: asyncpg.Connection, account_id: int) -> StoredKey | None:
+    """The account's unexpired pending key."""
+    row = await conn.fetchrow(
+        f"SELECT {_COLUMNS} FROM secret_keys"
+        " WHERE account_id = $1 AND state = 'PENDING' AND expires_at > now()",
+        account_id,
+    )
+    return _stored(row) if row else None
+
+
+async def by_id(conn: asyncpg.Connection, key_id: int) -> StoredKey | None:
+    row = await conn.fetchrow(f"SELECT {_COLUMNS} FROM secret_keys WHERE id = $1", key_id)
+    return _stored(row) if row else None
+
+
+async def put_pending(
+    conn: asyncpg.Connection,
+    account_id: int,
+    sealed: Sealed,
+    parameters: KeyParameters,
+    ttl_seconds: int,
+) -> tuple[int, datetime]:
+    """Replaces any pending key of the account with a new one; returns its id and expiry."""
+    await conn.execute(
+        "DELETE FROM secret_keys WHERE account_id = $1 AND state = 'PENDING'", account_id
+    )
+    row = await conn.fetchrow(
+        """
+        INSERT INTO secret_keys (account_id, state, encryption_key_id, nonce, ciphertext,
+                                 algorithm, digits, period_seconds, expires_at)
+        VALUES ($1, 'PENDING', $2, $3, $4, $5, $6, $7, now() + make_interval(secs => $8))
+        RETURNING id, expires_at
+        """,
+        account_id,
+        sealed.key_id,
+        sealed.nonce,
+        sealed.ciphertext,
+        parameters.algorithm,
+        parameters.digits,
+        parameters.period_seconds,
+        ttl_seconds,
+    )
+    assert row is not None
+    return row["id"], row["expires_at"]
+
+
+async def activate_pending(conn: asyncpg.Connection, key_id: int) -> bool:
+    """Makes the pending key active, deleting the old active key; the step its confirming code
+    used stays used. False when the pending key is gone or expired. Call inside a transaction."""
+    account_id = await conn.fetchval(
+        "SELECT account_id FROM secret_keys WHERE id = $1 AND state = 'PENDING'"
+        " AND expires_at > now() FOR UPDATE",
+        key_id,
+    )
+    if account_id is None:
+        return False
+    await conn.execute(
+        "DELETE FROM secret_keys WHERE account_id = $1 AND state = 'ACTIVE'", account_id
+    )
+    await conn.execute(
+        "UPDATE secret_keys SET state = 'ACTIVE', expires_at = NULL, created_at = now()"
+        " WHERE id = $1",
+        key_id,
+    )
+    return True
+
+
+async def delete_all(conn: asyncpg.Connection, account_id: int) -> int:
+    """Deletes the account's active and pending key; returns how many there were."""
+    result = await conn.execute("DELETE FROM secret_keys WHERE account_id = $1", account_id)
+    return int(result.split()[-1])
+
+
+async def consume_step(conn: asyncpg.Connection, key_id: int, step: int) -> bool:
+    """Records `step` as used, atomically: True for exactly one caller per step, even when two
+    replicas receive the same code at the same moment (the row lock serialises them and the
+    second sees the first's step). False too while the account is locked out."""
+    consumed = await conn.fetchval(
+        """
+        UPDATE secret_keys k SET last_used_step = $2
+        WHERE k.id = $1 AND k.last_used_step < $2
+          AND NOT EXISTS (SELECT 1 FROM accounts a
+                          WHERE a.id = k.account_id AND a.locked_until > now())
+        RETURNING true
+        """,
+        key_id,
+        step,
+    )
+    return bool(consumed)
+
+
+async def all_sealed(
+    conn: asyncpg.Connection, *, not_key_id: str, limit: int
+) -> list[StoredKey]:
+    """Keys not yet encrypted with `not_key_id` (for rotation), a batch at a time."""
+    rows = await conn.fetch(
+        f"SELECT {_COLUMNS} FROM secret_keys WHERE encryption_key_id <> $1 ORDER BY id LIMIT $2",
+        not_key_id,
+        limit,
+    )
+    return [_stored(r) for r in rows]
+
+
+async def reseal(conn: asyncpg.Connection, key_id: int, old_key_id: str, sealed: Sealed) -> bool:
+    """Stores a re-encrypted secret unless the row changed meanwhile."""
+    result = await conn.execute(
+        "UPDATE secret_keys SET encryption_key_id = $3, nonce = $4, ciphertext = $5"
+        " WHERE id = $1 AND encryption_key_id = $2",
+        key_id,
+        old_key_id,
+        sealed.key_id,
+        sealed.nonce,
+        sealed.ciphertext,
+    )
+    return result.endswith(" 1")
+
+
+@dataclass(frozen=True)
+class VerificationTarget:
+    account_id: int
+    username: str
+    failed_attempts: int
+    lock_remaining_seconds: float
+    key: StoredKey | None
+
+
+async def verification_target(conn: asyncpg.Connection, username_key: str) -> VerificationTarget | None:
+    """The account, its lockout and its active key, in the one round trip the hot path needs."""
+    row = await conn.fetchrow(
+        """
+        SELECT a.id AS account_id, a.username, a.failed_attempts,
+               greatest(0, extract(epoch FROM a.locked_until - now()))::float8 AS lock_remaining,
+               k.id, k.encryption_key_id, k.nonce, k.ciphertext, k.algorithm, k.digits,
+               k.period_seconds, k.last_used_step, k.created_at, k.expires_at
+        FROM accounts a
+        LEFT JOIN secret_keys k ON k.account_id = a.id AND k.state = 'ACTIVE'
+        WHERE a.username_key = $1
+        """,
+        username_key,
+    )
+    if row is None:
+        return None
+    return VerificationTarget(
+        account_id=row["account_id"],
+        username=row["username"],
+        failed_attempts=row["failed_attempts"],
+        lock_remaining_seconds=row["lock_remaining"] or 0.0,
+        key=_stored(row) if row["id"] is not None else None,
+    )

@@ -1,0 +1,135 @@
+"""Sessions and enrollment tickets. Only SHA-256 hashes of the bearer tokens are stored."""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from dataclasses import dataclass
+from datetime import datetime
+
+import asyncpg
+
+from twofactor_service.rules import AccountKind
+
+
+def new_token() -> tuple[str, bytes]:
+    """A 256-bit random token (base64url) and the hash under which it is stored."""
+    token = secrets.token_urlsafe(32)
+    return token, token_hash(token)
+
+
+def token_hash(token: str) -> bytes:
+    return hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()
+
+
+async def open_session(
+    conn: asyncpg.Connection,
+    account_id: int,
+    *,
+    signed_in_with_two_factor: bool,
+    ttl_seconds: int,
+) -> tuple[str, datetime]:
+    token, hashed = new_token()
+    expires_at = await conn.fetchval(
+        "INSERT INTO sessions (token_hash, account_id, signed_in_with_two_factor, expires_at)"
+        " VALUES ($1, $2, $3, now() + make_interval(secs => $4)) RETURNING expires_at",
+        hashed,
+        account_id,
+        signed_in_with_two_factor,
+        ttl_seconds,
+    )
+    return token, expires_at
+
+
+@dataclass(frozen=True)
+class SessionActor:
+    account_id: int
+    username: str
+    kind: AccountKind
+    protected: bool
+    signed_in_with_two_factor: bool
+    has_active_key: bool
+    rights: frozenset[tuple[str, str]]
+    idle_seconds: float
+
+
+async def resolve(conn: asyncpg.Connection, hashed: bytes, idle_limit_seconds: int) -> SessionActor | None:
+    """The live session's account, rights and key state, in one round trip."""
+    row = await conn.fetchrow(
+        """
+        SELECT a.id, a.username, a.kind, a.protected, s.signed_in_with_two_factor,
+               EXISTS (SELECT 1 FROM secret_keys k
+                       WHERE k.account_id = a.id AND k.state = 'ACTIVE') AS has_active_key,
+               array(SELECT functional_area FROM account_rights r WHERE r.account_id = a.id
+                     ORDER BY functional_area, permission) AS right_areas,
+               array(SELECT permission FROM account_rights r WHERE r.account_id = a.id
+                     ORDER BY functional_area, permission) AS right_permissions,
+               extract(epoch FROM now() - s.last_seen_at)::float8 AS idle_seconds
+        FROM sessions s JOIN accounts a ON a.id = s.account_id
+        WHERE s.token_hash = $1 AND s.expires_at > now()
+          AND s.last_seen_at > now() - make_interval(secs => $2)
+        """,
+        hashed,
+        idle_limit_seconds,
+    )
+    if row is None:
+        return None
+    return SessionActor(
+        account_id=row["id"],
+        username=row["username"],
+        kind=AccountKind(row["kind"]),
+        protected=row["protected"],
+        signed_in_with_two_factor=row["signed_in_with_two_factor"],
+        has_active_key=row["has_active_key"],
+        rights=frozenset(zip(row["right_areas"], row["right_permissions"], strict=True)),
+        idle_seconds=row["idle_seconds"],
+    )
+
+
+async def touch(conn: asyncpg.Connection, hashed: bytes) -> None:
+    await conn.execute("UPDATE sessions SET last_seen_at = now() WHERE token_hash = $1", hashed)
+
+
+async def end(conn: asyncpg.Connection, hashed: bytes) -> None:
+    await conn.execute("DELETE FROM sessions WHERE token_hash = $1", hashed)
+
+
+async def end_all(conn: asyncpg.Connection, account_id: int, *, except_hash: bytes | None = None) -> int:
+    result = await conn.execute(
+        "DELETE FROM sessions WHERE account_id = $1 AND token_hash IS DISTINCT FROM $2",
+        account_id,
+        except_hash,
+    )
+    return int(result.split()[-1])
+
+
+async def open_ticket(
+    conn: asyncpg.Connection, account_id: int, secret_key_id: int, ttl_seconds: int
+) -> str:
+    token, hashed = new_token()
+    await conn.execute(
+        "DELETE FROM enrollment_tickets WHERE account_id = $1", account_id
+    )
+    await conn.execute(
+        "INSERT INTO enrollment_tickets (ticket_hash, account_id, secret_key_id, expires_at)"
+        " VALUES ($1, $2, $3, now() + make_interval(secs => $4))",
+        hashed,
+        account_id,
+        secret_key_id,
+        ttl_seconds,
+    )
+    return token
+
+
+async def take_ticket(conn: asyncpg.Connection, ticket: str) -> tuple[int, int] | None:
+    """The live ticket's (account id, pending key id), locked for this transaction."""
+    row = await conn.fetchrow(
+        "SELECT account_id, secret_key_id FROM enrollment_tickets"
+        " WHERE ticket_hash = $1 AND expires_at > now() FOR UPDATE",
+        token_hash(ticket),
+    )
+    return (row["account_id"], row["secret_key_id"]) if row else None
+
+
+async def end_ticket(conn: asyncpg.Connection, ticket: str) -> None:
+    await conn.execute("DELETE FROM enrollment_tickets WHERE ticket_hash = $1", token_hash(ticket))

@@ -1,0 +1,18 @@
+"""Server settings kept in the database: the issuer name of new keys."""
+
+from __future__ import annotations
+
+import asyncpg
+
+
+async def issuer_name(conn: asyncpg.Connection, default: str) -> str:
+    value: str | None = await conn.fetchval("SELECT issuer_name FROM settings")
+    return value if value is not None else default
+
+
+async def set_issuer_name(conn: asyncpg.Connection, issuer: str) -> None:
+    await conn.execute(
+        "INSERT INTO settings (issuer_name) VALUES ($1)"
+        " ON CONFLICT (singleton) DO UPDATE SET issuer_name = EXCLUDED.issuer_name",
+        issuer,
+    )

@@ -1,0 +1,1 @@
+"""gRPC transport: interceptors that enforce the proto's policy, and the servicer."""

@@ -1,0 +1,33 @@
+"""Per-call state, carried in contextvars from the interceptors to the handlers."""
+
+from __future__ import annotations
+
+import contextvars
+from dataclasses import dataclass
+
+from twofactor_service.rules import Actor, MethodPolicy
+
+
+@dataclass(frozen=True)
+class CallInfo:
+    method: str
+    # The RPC's short name, e.g. "ResetSecret": the audit log's operation.
+    operation: str
+    policy: MethodPolicy
+    request_id: str
+    peer: str
+
+
+call_info: contextvars.ContextVar[CallInfo] = contextvars.ContextVar("call_info")
+current_actor: contextvars.ContextVar[Actor | None] = contextvars.ContextVar(
+    "current_actor", default=None
+)
+# The account named by the request's target field, once known (for the audit log).
+current_target: contextvars.ContextVar[str] = contextvars.ContextVar("current_target", default="")
+
+
+def actor() -> Actor:
+    """The signed-in actor; only called by handlers whose policy requires a session."""
+    value = current_actor.get()
+    assert value is not None, "handler of an authenticated RPC ran without an actor"
+    return value

@@ -1,0 +1,325 @@
+"""Server interceptors, one concern each, outermost first:
+
+1. ErrorInterceptor: request id, call info, and domain errors → status + google.rpc details.
+2. AuthenticationInterceptor: bearer session token → actor.
+3. AuthorizationInterceptor: the method's declared right and 2FA requirement.
+4. StepUpInterceptor: account protection of the target named in the request.
+
+grpc.aio interceptors see only the method and the metadata; to see the request (the target
+account) each wraps the method handler, the way `grpc-interceptor` does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import asyncpg
+import grpc
+from google.protobuf import duration_pb2
+from google.protobuf.message import Message
+from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from twofactor_service import errors, rules
+from twofactor_service.runtime import Runtime
+from twofactor_service.sign_in import verify_step_up
+from twofactor_service.store import audit, sessions
+from twofactor_service.transport.call_context import (
+    CallInfo,
+    call_info,
+    current_actor,
+    current_target,
+)
+
+log = logging.getLogger(__name__)
+
+ERROR_DOMAIN = "twofactor.v1"
+Inspect = Callable[[Message, grpc.aio.ServicerContext], Awaitable[None]]
+
+
+def _metadata(context: grpc.aio.ServicerContext, key: str) -> str | None:
+    for item in context.invocation_metadata() or ():
+        if item.key == key:
+            value = item.value
+            return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+    return None
+
+
+def _wrap(handler: grpc.RpcMethodHandler, before: Inspect) -> grpc.RpcMethodHandler:
+    """A handler that runs `before(request, context)` first, then the original behaviour."""
+    if handler.unary_unary is not None:
+        inner_unary = handler.unary_unary
+
+        async def unary(request: Message, context: grpc.aio.ServicerContext) -> Any:
+            await before(request, context)
+            return await inner_unary(request, context)
+
+        return grpc.unary_unary_rpc_method_handler(
+            unary, handler.request_deserializer, handler.response_serializer
+        )
+    if handler.unary_stream is not None:
+        inner_stream = handler.unary_stream
+
+        async def stream(request: Message, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            await before(request, context)
+            async for item in inner_stream(request, context):
+                yield item
+
+        return grpc.unary_stream_rpc_method_handler(
+            stream, handler.request_deserializer, handler.response_serializer
+        )
+    raise TypeError("TwoFactorService has only unary-unary and unary-stream methods")
+
+
+class _OwnMethods(grpc.aio.ServerInterceptor):
+    """Applies only to TwoFactorService's methods (not health or reflection)."""
+
+    def __init__(self, runtime: Runtime, policies: dict[str, rules.MethodPolicy]) -> None:
+        self.runtime = runtime
+        self.policies = policies
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None or handler_call_details.method not in self.policies:
+            return handler
+        return self.wrap(handler, handler_call_details.method)
+
+    def wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+        raise NotImplementedError
+
+
+def error_status(error: errors.TwoFactorError) -> status_pb2.Status:
+    """AIP-193: the status code, the message, an ErrorInfo and, where waiting helps, RetryInfo."""
+    status = status_pb2.Status(code=error.code.value[0], message=error.message)
+    info = error_details_pb2.ErrorInfo(reason=error.reason, domain=ERROR_DOMAIN)
+    if isinstance(error, errors.InvalidArgument):
+        info.metadata["field"] = error.field
+    status.details.add().Pack(info)
+    if error.retry_after_seconds is not None:
+        retry = error_details_pb2.RetryInfo(
+            retry_delay=duration_pb2.Duration(seconds=max(1, round(error.retry_after_seconds)))
+        )
+        status.details.add().Pack(retry)
+    return status
+
+
+def _as_domain_error(exc: BaseException) -> errors.TwoFactorError | None:
+    if isinstance(exc, errors.TwoFactorError):
+        return exc
+    # SQLSTATE classes, not messages (asyncpg's exception hierarchy follows them).
+    if isinstance(exc, asyncpg.SerializationError | asyncpg.DeadlockDetectedError):
+        return errors.Conflict()
+    if isinstance(
+        exc,
+        asyncpg.PostgresConnectionError
+        | asyncpg.InterfaceError
+        | asyncpg.CannotConnectNowError
+        | asyncpg.AdminShutdownError
+        | asyncpg.TooManyConnectionsError
+        | ConnectionError
+        | OSError
+        | TimeoutError,
+    ):
+        return errors.DatabaseUnavailable()
+    return None
+
+
+class ErrorInterceptor(_OwnMethods):
+    def wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+        policy = self.policies[method]
+        operation = method.rsplit("/", 1)[-1]
+        runtime = self.runtime
+
+        async def audit_failure(reason: str) -> None:
+            info = call_info.get()
+            actor = current_actor.get()
+            entry = audit.AuditEntry(
+                actor=actor.username if actor else "",
+                target=current_target.get(),
+                operation=operation,
+                success=False,
+                reason=reason,
+                request_id=info.request_id,
+                peer=info.peer,
+            )
+            try:
+                async with runtime.pool.acquire() as conn:
+                    await audit.append(conn, entry)
+            except Exception:  # noqa: BLE001 - the database may be the failure being reported
+                log.warning("could not write audit event", extra={"operation": operation})
+
+        async def fail(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
+            if isinstance(exc, asyncio.CancelledError | grpc.aio.AbortError):
+                # Cancelled by the client, or an abort() that already chose the status.
+                raise exc
+            error = _as_domain_error(exc)
+            info = call_info.get()
+            if error is None:
+                log.error(
+                    "unexpected error",
+                    extra={"operation": operation, "request_id": info.request_id},
+                    exc_info=exc,
+                )
+                await context.abort(
+                    grpc.StatusCode.INTERNAL,
+                    f"internal error; quote request id {info.request_id} to the operator",
+                )
+            assert error is not None
+            if not isinstance(error, errors.DatabaseUnavailable):
+                await audit_failure(error.reason)
+            log.info(
+                "call refused",
+                extra={
+                    "operation": operation,
+                    "request_id": info.request_id,
+                    "code": error.code.name,
+                    "reason": error.reason,
+                },
+            )
+            await context.abort_with_status(rpc_status.to_status(error_status(error)))
+
+        def begin(context: grpc.aio.ServicerContext) -> None:
+            request_id = _metadata(context, "x-request-id") or uuid.uuid4().hex
+            request_id = request_id[:64]
+            context.set_trailing_metadata((("x-request-id", request_id),))
+            call_info.set(CallInfo(method, operation, policy, request_id, context.peer() or ""))
+            current_actor.set(None)
+            current_target.set("")
+
+        if handler.unary_unary is not None:
+            inner_unary = handler.unary_unary
+
+            async def unary(request: Message, context: grpc.aio.ServicerContext) -> Any:
+                begin(context)
+                try:
+                    return await inner_unary(request, context)
+                except BaseException as exc:  # noqa: BLE001 - mapped or re-raised in fail()
+                    await fail(context, exc)
+                    raise
+
+            return grpc.unary_unary_rpc_method_handler(
+                unary, handler.request_deserializer, handler.response_serializer
+            )
+
+        inner_stream = handler.unary_stream
+
+        async def stream(request: Message, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            begin(context)
+            try:
+                async for item in inner_stream(request, context):
+                    yield item
+            except BaseException as exc:  # noqa: BLE001 - mapped or re-raised in fail()
+                await fail(context, exc)
+                raise
+
+        return grpc.unary_stream_rpc_method_handler(
+            stream, handler.request_deserializer, handler.response_serializer
+        )
+
+
+class AuthenticationInterceptor(_OwnMethods):
+    def wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+        policy = self.policies[method]
+        runtime = self.runtime
+        idle = runtime.config.session_idle_seconds
+
+        async def authenticate(request: Message, context: grpc.aio.ServicerContext) -> None:
+            header = _metadata(context, "authorization")
+            if header is None:
+                if policy.allow_anonymous:
+                    return
+                raise errors.Unauthenticated(
+                    "sign in first and send the session token as 'authorization: Bearer <token>'"
+                )
+            scheme, _, token = header.partition(" ")
+            if scheme.lower() != "bearer" or not token.strip() or len(token) > 512:
+                raise errors.Unauthenticated("the authorization metadata must be 'Bearer <token>'")
+            hashed = sessions.token_hash(token.strip())
+            async with runtime.pool.acquire() as conn:
+                found = await sessions.resolve(conn, hashed, idle)
+                if found is None:
+                    raise errors.Unauthenticated(
+                        "the session token is unknown, expired or ended; sign in again"
+                    )
+                if found.idle_seconds > 60:
+                    # Idle-time bookkeeping at most once a minute, not on every call.
+                    await sessions.touch(conn, hashed)
+            current_actor.set(
+                rules.Actor(
+                    account_id=found.account_id,
+                    username=found.username,
+                    kind=found.kind,
+                    session_id=hashed,
+                    signed_in_with_two_factor=found.signed_in_with_two_factor,
+                    has_active_key=found.has_active_key,
+                    protected=found.protected,
+                    rights=found.rights,
+                )
+            )
+
+        return _wrap(handler, authenticate)
+
+
+def _target_of(request: Message, policy: rules.MethodPolicy) -> str:
+    if policy.target_field is None:
+        return ""
+    value = getattr(request, policy.target_field)
+    return value if isinstance(value, str) else ""
+
+
+class AuthorizationInterceptor(_OwnMethods):
+    def wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+        policy = self.policies[method]
+
+        async def authorize(request: Message, context: grpc.aio.ServicerContext) -> None:
+            target = _target_of(request, policy)
+            current_target.set(target[: rules.MAX_USERNAME_LENGTH])
+            actor = current_actor.get()
+            if actor is None:
+                return  # anonymous RPC: the authentication interceptor let it through
+            # Permission before existence (AIP-131): nothing about the target is read yet.
+            rules.authorize(actor, policy, target)
+
+        return _wrap(handler, authorize)
+
+
+class StepUpInterceptor(_OwnMethods):
+    def wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+        policy = self.policies[method]
+        if not policy.protects_target:
+            return handler
+        runtime = self.runtime
+
+        async def step_up(request: Message, context: grpc.aio.ServicerContext) -> None:
+            actor = current_actor.get()
+            assert actor is not None
+            target = _target_of(request, policy) if policy.target_field else actor.username
+            if policy.target_field:
+                rules.validate_username(target)
+            await verify_step_up(
+                runtime,
+                actor,
+                target,
+                password=_metadata(context, "x-step-up-password"),
+                code=_metadata(context, "x-step-up-code"),
+            )
+
+        return _wrap(handler, step_up)
+
+
+def interceptors(runtime: Runtime, policies: dict[str, rules.MethodPolicy]) -> list[grpc.aio.ServerInterceptor]:
+    return [
+        ErrorInterceptor(runtime, policies),
+        AuthenticationInterceptor(runtime, policies),
+        AuthorizationInterceptor(runtime, policies),
+        StepUpInterceptor(runtime, policies),
+    ]
+
