@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,11 @@ log = logging.getLogger(__name__)
 def start_embedded(data_dir: Path) -> str:
     """Starts (or joins) a real PostgreSQL from the `pgserver` package in `data_dir/postgres`;
     the data survives restarts. Returns its connection URL (a unix socket)."""
-    import pgserver  # imported here: only the embedded mode needs it
+    with warnings.catch_warnings():
+        # platformdirs warns when XDG_RUNTIME_DIR is unset (containers, CI); pgserver then
+        # falls back to /tmp, which is fine.
+        warnings.simplefilter("ignore")
+        import pgserver  # imported here: only the embedded mode needs it
 
     pgdata = (data_dir / "postgres").resolve()
     pgdata.parent.mkdir(parents=True, exist_ok=True)

@@ -100,7 +100,7 @@ TARGET_ACCOUNT_FIELD_NUMBER: _builtins.int
 access_policy: _extension_dict._ExtensionFieldDescriptor[_descriptor_pb2.MethodOptions, Global___AccessPolicy]
 """The access policy of the RPC. Every RPC of TwoFactorService has one."""
 target_account: _extension_dict._ExtensionFieldDescriptor[_descriptor_pb2.FieldOptions, _builtins.bool]
-"""Marks the request field that names the account the RPC acts on. When that
-account is protected against unauthorized modification, the call must
-carry step-up proof (see TwoFactorService).
+"""Marks the request field that names the account the RPC acts on: it is the
+target recorded in the audit log, and, for an RPC whose policy has
+`protects_target`, a protected target needs step-up proof.
 """
