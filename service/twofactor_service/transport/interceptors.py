@@ -281,7 +281,10 @@ class AuthorizationInterceptor(_OwnMethods):
 
         async def authorize(request: Message, context: grpc.aio.ServicerContext) -> None:
             target = _target_of(request, policy)
-            current_target.set(target[: rules.MAX_USERNAME_LENGTH])
+            # Recorded as typed, so failed sign-ins show whom they aimed at; made printable
+            # and bounded, so any input can be written to the audit log.
+            printable = "".join(ch if ch.isprintable() else "?" for ch in target)
+            current_target.set(printable[: rules.MAX_USERNAME_LENGTH])
             actor = current_actor.get()
             if actor is None:
                 return  # anonymous RPC: the authentication interceptor let it through
