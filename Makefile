@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install run test lint proto proto-check bench clean
+.PHONY: install run test lint proto proto-check proto-release bench clean
 
 $(STAMP): pyproject.toml clients/python/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,5 +28,30 @@ proto: install
 proto-check: install
 	$(PY) scripts/generate_protos.py --check
 
+# buf comes from npm (@bufbuild/buf carries the binary), pinned in tools/package-lock.json.
+TOOLS_STAMP := tools/node_modules/.installed-stamp
+BUF := tools/node_modules/.bin/buf
+RELEASED_CONTRACT := protos/released/twofactor-v1.binpb
+
+$(TOOLS_STAMP): tools/package.json tools/package-lock.json
+	cd tools && npm ci --no-audit --no-fund
+	touch $@
+
+## ruff (lint and format), mypy --strict, stale generated code, buf lint and format, and buf
+## breaking against the released contract.
+lint: install $(TOOLS_STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+	$(PY) scripts/generate_protos.py --check
+	$(BUF) lint
+	$(BUF) format --diff --exit-code
+	$(BUF) breaking protos --against $(RELEASED_CONTRACT)
+
+## Record the current contract as released: `make lint` then refuses changes that break it.
+proto-release: $(TOOLS_STAMP)
+	$(BUF) lint
+	$(BUF) build protos --exclude-source-info -o $(RELEASED_CONTRACT)
+
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache tools/node_modules clients/node/node_modules
