@@ -28,6 +28,14 @@ proto: install
 proto-check: install
 	$(PY) scripts/generate_protos.py --check
 
+## VerifyCode against a bare gRPC server in the same run (`ratio:`), SignIn, and 2 worker
+## processes vs 1, on the embedded PostgreSQL in .data/bench (docs/readme/performance.md).
+## Not part of `make test`. Knobs: BENCH_DURATION=10 BENCH_WARMUP=2 BENCH_CONCURRENCY=64
+## BENCH_ACCOUNTS=20000 BENCH_WRONG_SHARE=0.05 BENCH_PHASES=... BENCH_SOAK=60 (memory
+## flatness) BENCH_PROFILE=1 (py-spy of the server under VerifyCode load).
+bench: install
+	$(PY) bench/run.py
+
 # buf comes from npm (@bufbuild/buf carries the binary), pinned in tools/package-lock.json.
 TOOLS_STAMP := tools/node_modules/.installed-stamp
 BUF := tools/node_modules/.bin/buf

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import grpc
 import pyotp
-from twofactor.v1 import enums_pb2, twofactor_service_pb2 as pb
+from twofactor.v1 import enums_pb2
+from twofactor.v1 import twofactor_service_pb2 as pb
 from twofactor.v1 import twofactor_service_pb2_grpc as pb_grpc
 
 

@@ -11,9 +11,9 @@ import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
 
-import asyncpg
 import grpc
 import pytest
+from twofactor.v1 import twofactor_service_pb2_grpc as pb_grpc
 
 from tests.support import (
     Actors,
@@ -21,9 +21,9 @@ from tests.support import (
     make_runtime,
     temporary_database,
 )
-from twofactor.v1 import twofactor_service_pb2_grpc as pb_grpc
 from twofactor_service.runtime import Runtime
 from twofactor_service.server import RunningServer, start_server
+from twofactor_service.store.database import Connection
 
 
 @pytest.fixture(scope="session")
@@ -48,9 +48,7 @@ async def runtime(database_url: str, clock: TestClock) -> AsyncIterator[Runtime]
 
 @pytest.fixture(scope="session")
 async def server(runtime: Runtime) -> AsyncIterator[RunningServer]:
-    running = await start_server(
-        runtime.config, runtime.pool, runtime.key_ring, runtime=runtime
-    )
+    running = await start_server(runtime.config, runtime.pool, runtime.key_ring, runtime=runtime)
     yield running
     await running.stop(grace=1)
 
@@ -62,19 +60,18 @@ async def channel(server: RunningServer) -> AsyncIterator[grpc.aio.Channel]:
 
 
 @pytest.fixture(scope="session")
-def stub(channel: grpc.aio.Channel) -> pb_grpc.TwoFactorServiceStub:
+def stub(channel: grpc.aio.Channel) -> pb_grpc.TwoFactorServiceAsyncStub:
     return pb_grpc.TwoFactorServiceStub(channel)
 
 
 @pytest.fixture
-def actors(stub: pb_grpc.TwoFactorServiceStub, runtime: Runtime, clock: TestClock) -> Actors:
+def actors(stub: pb_grpc.TwoFactorServiceAsyncStub, runtime: Runtime, clock: TestClock) -> Actors:
     """Makes accounts in every standard role; names are unique to the test."""
     return Actors(stub, runtime, clock, prefix=uuid.uuid4().hex[:8])
 
 
 @pytest.fixture
-async def db(runtime: Runtime) -> AsyncIterator[asyncpg.Connection]:
+async def db(runtime: Runtime) -> AsyncIterator[Connection]:
     """A direct connection, for asserting what is stored (and that nothing changed)."""
     async with runtime.pool.acquire() as conn:
         yield conn
-

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import grpc
 import pytest
-
-from tests.support import Actors, error_reason
-from twofactor.v1 import enums_pb2, twofactor_service_pb2 as pb
+from twofactor.v1 import enums_pb2
+from twofactor.v1 import twofactor_service_pb2 as pb
 from twofactor.v1 import twofactor_service_pb2_grpc as pb_grpc
 
+from tests.support import Actors, error_reason
 
-async def test_allowlisted_account_sets_up_a_key_at_first_sign_in(actors: Actors, stub: pb_grpc.TwoFactorServiceStub) -> None:
+
+async def test_allowlisted_account_sets_up_a_key_at_first_sign_in(
+    actors: Actors, stub: pb_grpc.TwoFactorServiceAsyncStub
+) -> None:
     alice = await actors.create("alice")
 
     response = await stub.SignIn(pb.SignInRequest(username=alice.username, password=alice.password))
@@ -34,7 +37,9 @@ async def test_allowlisted_account_sets_up_a_key_at_first_sign_in(actors: Actors
     assert not status.status.allowlisted
 
 
-async def test_enrolled_account_signs_in_with_password_and_code(actors: Actors, stub: pb_grpc.TwoFactorServiceStub) -> None:
+async def test_enrolled_account_signs_in_with_password_and_code(
+    actors: Actors, stub: pb_grpc.TwoFactorServiceAsyncStub
+) -> None:
     bob = await actors.user()
 
     response = await stub.SignIn(
@@ -45,7 +50,9 @@ async def test_enrolled_account_signs_in_with_password_and_code(actors: Actors, 
     assert response.session.token
 
 
-async def test_enrolled_account_without_code_is_asked_for_one(actors: Actors, stub: pb_grpc.TwoFactorServiceStub) -> None:
+async def test_enrolled_account_without_code_is_asked_for_one(
+    actors: Actors, stub: pb_grpc.TwoFactorServiceAsyncStub
+) -> None:
     bob = await actors.user()
 
     with pytest.raises(grpc.aio.AioRpcError) as failure:
@@ -55,7 +62,9 @@ async def test_enrolled_account_without_code_is_asked_for_one(actors: Actors, st
     assert error_reason(failure.value) == "CODE_REQUIRED"
 
 
-async def test_excluded_account_signs_in_with_password_alone(actors: Actors, stub: pb_grpc.TwoFactorServiceStub) -> None:
+async def test_excluded_account_signs_in_with_password_alone(
+    actors: Actors, stub: pb_grpc.TwoFactorServiceAsyncStub
+) -> None:
     svc = await actors.create("svc", excluded=True)
 
     response = await stub.SignIn(pb.SignInRequest(username=svc.username, password=svc.password))
@@ -63,33 +72,50 @@ async def test_excluded_account_signs_in_with_password_alone(actors: Actors, stu
     assert response.outcome == enums_pb2.SIGN_IN_OUTCOME_SESSION_OPENED
 
 
-async def test_blocked_account_is_told_an_administrator_must_allowlist_it(actors: Actors, stub: pb_grpc.TwoFactorServiceStub) -> None:
+async def test_blocked_account_is_told_an_administrator_must_allowlist_it(
+    actors: Actors, stub: pb_grpc.TwoFactorServiceAsyncStub
+) -> None:
     admin = await actors.admin()
     carol = await actors.user()
-    await stub.DeleteSecret(pb.DeleteSecretRequest(username=carol.username), metadata=admin.metadata())
+    await stub.DeleteSecret(
+        pb.DeleteSecretRequest(username=carol.username), metadata=admin.metadata()
+    )
 
     with pytest.raises(grpc.aio.AioRpcError) as failure:
-        await stub.SignIn(pb.SignInRequest(username=carol.username, password=carol.password, code=carol.next_code()))
+        await stub.SignIn(
+            pb.SignInRequest(
+                username=carol.username, password=carol.password, code=carol.next_code()
+            )
+        )
 
     assert failure.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert error_reason(failure.value) == "TWO_FACTOR_KEY_DELETED"
-    assert "allowlist" in failure.value.details()
+    assert "allowlist" in (failure.value.details() or "")
 
 
-async def test_wrong_password_and_unknown_account_look_the_same(actors: Actors, stub: pb_grpc.TwoFactorServiceStub) -> None:
+async def test_wrong_password_and_unknown_account_look_the_same(
+    actors: Actors, stub: pb_grpc.TwoFactorServiceAsyncStub
+) -> None:
     bob = await actors.user()
     failures = []
-    for username, password in ((bob.username, "wrong password!"), ("nobody-" + bob.username, bob.password)):
+    for username, password in (
+        (bob.username, "wrong password!"),
+        ("nobody-" + bob.username, bob.password),
+    ):
         with pytest.raises(grpc.aio.AioRpcError) as failure:
             await stub.SignIn(pb.SignInRequest(username=username, password=password, code="123456"))
-        failures.append((failure.value.code(), failure.value.details(), error_reason(failure.value)))
+        failures.append(
+            (failure.value.code(), failure.value.details(), error_reason(failure.value))
+        )
 
     assert failures[0] == failures[1]
     assert failures[0][0] == grpc.StatusCode.UNAUTHENTICATED
     assert failures[0][2] == "INVALID_CREDENTIALS"
 
 
-async def test_a_code_is_accepted_only_once(actors: Actors, stub: pb_grpc.TwoFactorServiceStub) -> None:
+async def test_a_code_is_accepted_only_once(
+    actors: Actors, stub: pb_grpc.TwoFactorServiceAsyncStub
+) -> None:
     bob = await actors.user()
     code = bob.next_code()
     await stub.SignIn(pb.SignInRequest(username=bob.username, password=bob.password, code=code))
@@ -101,15 +127,21 @@ async def test_a_code_is_accepted_only_once(actors: Actors, stub: pb_grpc.TwoFac
     assert error_reason(failure.value) == "INVALID_CREDENTIALS"
 
 
-async def test_an_enrollment_ticket_works_once(actors: Actors, stub: pb_grpc.TwoFactorServiceStub) -> None:
+async def test_an_enrollment_ticket_works_once(
+    actors: Actors, stub: pb_grpc.TwoFactorServiceAsyncStub
+) -> None:
     alice = await actors.create("alice")
     response = await stub.SignIn(pb.SignInRequest(username=alice.username, password=alice.password))
     secret = response.enrollment.pending_key.secret_base32
     ticket = response.enrollment.enrollment_ticket
-    await stub.CompleteEnrollment(pb.CompleteEnrollmentRequest(enrollment_ticket=ticket, code=alice.next_code(secret)))
+    await stub.CompleteEnrollment(
+        pb.CompleteEnrollmentRequest(enrollment_ticket=ticket, code=alice.next_code(secret))
+    )
 
     with pytest.raises(grpc.aio.AioRpcError) as failure:
-        await stub.CompleteEnrollment(pb.CompleteEnrollmentRequest(enrollment_ticket=ticket, code=alice.next_code(secret)))
+        await stub.CompleteEnrollment(
+            pb.CompleteEnrollmentRequest(enrollment_ticket=ticket, code=alice.next_code(secret))
+        )
 
     assert failure.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert error_reason(failure.value) == "ENROLLMENT_TICKET_INVALID"
@@ -127,16 +159,24 @@ async def test_an_enrollment_ticket_works_once(actors: Actors, stub: pb_grpc.Two
         ("bob", "pw", "123456789", "code"),
     ],
 )
-async def test_malformed_sign_in_is_invalid_argument(stub: pb_grpc.TwoFactorServiceStub, username: str, password: str, code: str, field: str) -> None:
+async def test_malformed_sign_in_is_invalid_argument(
+    stub: pb_grpc.TwoFactorServiceAsyncStub, username: str, password: str, code: str, field: str
+) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as failure:
         await stub.SignIn(pb.SignInRequest(username=username, password=password, code=code))
 
     assert failure.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert failure.value.details().startswith(field)
+    assert (failure.value.details() or "").startswith(field)
 
 
-async def test_calls_without_a_session_are_unauthenticated(stub: pb_grpc.TwoFactorServiceStub) -> None:
-    for metadata in ((), (("authorization", "Bearer not-a-real-token"),), (("authorization", "Basic abc"),)):
+async def test_calls_without_a_session_are_unauthenticated(
+    stub: pb_grpc.TwoFactorServiceAsyncStub,
+) -> None:
+    for metadata in (
+        (),
+        (("authorization", "Bearer not-a-real-token"),),
+        (("authorization", "Basic abc"),),
+    ):
         with pytest.raises(grpc.aio.AioRpcError) as failure:
             await stub.GetAccountStatus(pb.GetAccountStatusRequest(), metadata=metadata)
         assert failure.value.code() == grpc.StatusCode.UNAUTHENTICATED

@@ -6,8 +6,6 @@ from __future__ import annotations
 import base64
 import binascii
 
-import asyncpg
-
 from twofactor_service import errors, rules
 from twofactor_service.caller import Caller
 from twofactor_service.passwords import hash_password_async
@@ -15,9 +13,10 @@ from twofactor_service.rules import AccountKind
 from twofactor_service.runtime import Runtime
 from twofactor_service.store import accounts, audit, keys, sessions, settings
 from twofactor_service.store.accounts import AccountRecord
+from twofactor_service.store.database import Connection
 
 
-async def _locked_target(conn: asyncpg.Connection, username: str) -> AccountRecord:
+async def _locked_target(conn: Connection, username: str) -> AccountRecord:
     rules.validate_username(username)
     account = await accounts.lock(conn, username)
     if account is None:
@@ -57,6 +56,7 @@ async def add_to_exclusion_list(runtime: Runtime, caller: Caller, username: str)
     """The account signs in with its password alone; its keys are deleted."""
     async with runtime.pool.acquire() as conn, conn.transaction():
         target = await _locked_target(conn, username)
+        rules.check_exclusion_add_allowed(caller.actor, target.username)
         await keys.delete_all(conn, target.id)
         await accounts.set_lists(conn, target.id, allowlisted=False, excluded=True)
         await sessions.end_all(conn, target.id)
@@ -70,6 +70,12 @@ async def remove_from_exclusion_list(
     """The account needs 2FA again: it is BLOCKED until someone allowlists it."""
     async with runtime.pool.acquire() as conn, conn.transaction():
         target = await _locked_target(conn, username)
+        if not target.excluded:
+            # Otherwise an allowlisted account would silently be blocked, and an enrolled
+            # one's sessions ended, by a call that was about a list it is not on.
+            raise errors.RuleViolation(
+                "ACCOUNT_NOT_EXCLUDED", f"account {target.username!r} is not on the exclusion list"
+            )
         await accounts.set_lists(conn, target.id, allowlisted=False, excluded=False)
         # Its sessions were opened with a password alone.
         await sessions.end_all(conn, target.id)
@@ -80,12 +86,17 @@ async def remove_from_exclusion_list(
 def _decode_page_token(token: str) -> str:
     if not token:
         return ""
+    after: str | None
     try:
-        return base64.urlsafe_b64decode(token.encode("ascii")).decode("utf-8")
+        after = base64.urlsafe_b64decode(token.encode("ascii")).decode("utf-8")
     except (binascii.Error, UnicodeError, ValueError):
+        after = None
+    # Tokens hold a casefolded username, which never holds NUL (nor can PostgreSQL text).
+    if after is None or "\x00" in after:
         raise errors.InvalidArgument(
             "page_token", "is not a token this server returned; start again without it"
-        ) from None
+        )
+    return after
 
 
 def _encode_page_token(username_key: str) -> str:
@@ -100,13 +111,17 @@ async def list_members(
     after = _decode_page_token(page_token)
     async with runtime.pool.acquire() as conn:
         found = await accounts.list_members(conn, column, after=after, limit=limit + 1)
-    next_token = _encode_page_token(accounts.username_key(found[limit - 1].username)) if len(found) > limit else ""
+    next_token = (
+        _encode_page_token(accounts.username_key(found[limit - 1].username))
+        if len(found) > limit
+        else ""
+    )
     return found[:limit], next_token
 
 
 async def account_status(runtime: Runtime, caller: Caller, username: str) -> AccountRecord:
-    actor = caller.signed_in()
-    username = username or actor.username
+    # No username: the caller's own status (the operator's `twofactor status` always names one).
+    username = username or caller.signed_in().username
     rules.validate_username(username)
     async with runtime.pool.acquire() as conn:
         account = await accounts.find(conn, username)

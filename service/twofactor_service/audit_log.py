@@ -19,7 +19,8 @@ WATCH_BATCH = 500
 def _decode_page_token(token: str) -> int | None:
     if not token:
         return None
-    if not token.isdigit() or len(token) > 19:
+    # A sequence number: ASCII digits only (str.isdigit also accepts "²"), within bigint.
+    if not (token.isascii() and token.isdigit()) or len(token) > 19 or int(token) >= 2**63:
         raise errors.InvalidArgument(
             "page_token", "is not a token this server returned; start again without it"
         )
@@ -33,9 +34,19 @@ async def list_events(
     before = _decode_page_token(page_token)
     for name, value in (("target_username", where.target), ("actor_username", where.actor)):
         if len(value) > rules.MAX_USERNAME_LENGTH:
-            raise errors.InvalidArgument(name, f"must be at most {rules.MAX_USERNAME_LENGTH} characters")
+            raise errors.InvalidArgument(
+                name, f"must be at most {rules.MAX_USERNAME_LENGTH} characters"
+            )
     if len(where.operation) > 64:
         raise errors.InvalidArgument("operation", "must be at most 64 characters")
+    for name, value in (
+        ("target_username", where.target),
+        ("actor_username", where.actor),
+        ("operation", where.operation),
+    ):
+        # PostgreSQL text cannot hold NUL, so no event can match it.
+        if "\x00" in value:
+            raise errors.InvalidArgument(name, "must not contain NUL characters")
     async with runtime.pool.acquire() as conn:
         rows = await audit.page(conn, where, before_sequence=before, limit=limit + 1)
     next_token = str(rows[limit - 1].sequence) if len(rows) > limit else ""

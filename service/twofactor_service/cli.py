@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import getpass
 import json
 import logging
@@ -12,11 +13,22 @@ import signal
 import sys
 import uuid
 from collections.abc import Awaitable, Callable
+from multiprocessing.connection import Connection
 from typing import Any
 
 import asyncpg
 
-from twofactor_service import administration, errors, logs, rules
+from twofactor_service import (
+    administration,
+    audit_chain,
+    errors,
+    key_rotation,
+    logs,
+    rules,
+    secret_keys,
+    sign_in,
+    totp,
+)
 from twofactor_service.caller import Caller
 from twofactor_service.config import Config, ConfigError, load_config
 from twofactor_service.encryption import load_key_ring, new_key_line
@@ -26,11 +38,20 @@ from twofactor_service.server import start_server
 from twofactor_service.store import database
 from twofactor_service.store.accounts import AccountRecord
 from twofactor_service.store.migrations import migrate
+from twofactor_service.workers import run_workers
 
 log = logging.getLogger("twofactor_service")
 
 # Exit codes scripts can rely on.
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_CONFIG, EXIT_NOT_FOUND, EXIT_REFUSED = 0, 1, 2, 3, 4, 5
+EXIT_CODES_HELP = """exit codes:
+  0  done
+  1  failed (database unreachable, or another failure)
+  2  usage error or invalid input
+  3  configuration error (a TWOFACTOR_* variable)
+  4  account not found
+  5  refused by a rule (e.g. allowlisting an account that has a key)
+  6  verify-audit: the audit log was tampered with"""
 
 
 def database_url(config: Config) -> str:
@@ -39,11 +60,11 @@ def database_url(config: Config) -> str:
     return database.start_embedded(config.data_dir)
 
 
-async def _open_runtime(config: Config) -> Runtime:
+async def _open_runtime(config: Config, url: str | None = None) -> Runtime:
     key_ring, notice = load_key_ring(config)
     if notice:
         log.warning(notice)
-    pool = await database.create_pool(database_url(config), config.database_pool_size)
+    pool = await database.create_pool(url or database_url(config), config.database_pool_size)
     async with pool.acquire() as conn:
         applied = await migrate(conn)
     if applied:
@@ -51,18 +72,27 @@ async def _open_runtime(config: Config) -> Runtime:
     return Runtime(config=config, pool=pool, key_ring=key_ring)
 
 
-async def _serve(config: Config) -> None:
-    runtime = await _open_runtime(config)
-    running = await start_server(config, runtime.pool, runtime.key_ring, runtime=runtime)
-    log.info("serving", extra={"address": config.listen_address, "port": running.port})
+def _announce(config: Config) -> None:
+    workers = f" ({config.workers} worker processes)" if config.workers > 1 else ""
     print(
-        f"TwoFactorService listening on {config.listen_address}.\n"
+        f"TwoFactorService listening on {config.listen_address}{workers}.\n"
         "Create the first administrator (in another terminal):\n"
         "  .venv/bin/twofactor create-user admin --password 'choose-a-long-one' --admin\n"
         "then sign in with SignIn and set up the key it hands out.",
         file=sys.stderr,
         flush=True,
     )
+
+
+async def _serve(config: Config, url: str | None = None, ready: Connection | None = None) -> None:
+    runtime = await _open_runtime(config, url)
+    running = await start_server(config, runtime.pool, runtime.key_ring, runtime=runtime)
+    log.info("serving", extra={"address": config.listen_address, "port": running.port})
+    if ready is None:
+        _announce(config)
+    else:  # a worker of `serve --workers N`: the parent announces once all are serving
+        ready.send("ready")
+        ready.close()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -70,6 +100,29 @@ async def _serve(config: Config) -> None:
     await stop.wait()
     log.info("shutting down")
     await running.stop(grace=10)
+    await runtime.pool.close()
+
+
+def _serve_worker(config: Config, url: str, ready: Connection) -> None:
+    """One process of `serve --workers N` (started by workers.run_workers)."""
+    logs.configure(config.log_level)
+    _install_uvloop()
+    asyncio.run(_serve(config, url, ready))
+
+
+def _serve_with_workers(config: Config) -> int:
+    """The embedded PostgreSQL, the development key and the migrations once, here; then the
+    workers, each a whole server on the shared port."""
+    if config.listen_address.rsplit(":", 1)[-1] == "0":
+        raise ConfigError("TWOFACTOR_WORKERS > 1 needs a fixed port in TWOFACTOR_LISTEN_ADDRESS")
+    url = database_url(config)
+    asyncio.run(_prepare(config, url))
+    clean = run_workers(config, url, _serve_worker, lambda: _announce(config))
+    return EXIT_OK if clean else EXIT_FAILED
+
+
+async def _prepare(config: Config, url: str) -> None:
+    runtime = await _open_runtime(config, url)
     await runtime.pool.close()
 
 
@@ -159,14 +212,172 @@ async def _change_right(runtime: Runtime, args: argparse.Namespace, grant: bool)
     return EXIT_OK
 
 
+def _full_status_json(record: AccountRecord) -> dict[str, Any]:
+    locked = record.locked_until
+    return {**_status_json(record), "locked_until": locked.isoformat() if locked else None}
+
+
+async def _status(runtime: Runtime, args: argparse.Namespace) -> int:
+    rules.validate_username(args.username)  # an empty one would mean "my own" to the RPC
+    record = await administration.account_status(
+        runtime, _cli_caller("GetAccountStatus"), args.username
+    )
+    if args.json:
+        print(json.dumps(_full_status_json(record)))
+        return EXIT_OK
+    _print_status(record, False)
+    created = record.key_created_at.isoformat() if record.key_created_at else "no key"
+    print(f"  key created: {created}")
+    yes = {True: "yes", False: "no"}
+    print(
+        f"  allowlisted: {yes[record.allowlisted]}, excluded: {yes[record.excluded]}, "
+        f"protected: {yes[record.protected]}"
+    )
+    locked = f", locked until {record.locked_until.isoformat()}" if record.locked_until else ""
+    print(f"  consecutive failures: {record.failed_attempts}{locked}")
+    return EXIT_OK
+
+
+# The list commands: (list column, add, remove, the RPCs' names for the audit log).
+_LISTS = {
+    "allowlist": (
+        "allowlisted",
+        administration.add_to_allowlist,
+        administration.remove_from_allowlist,
+        ("AddToAllowlist", "RemoveFromAllowlist"),
+    ),
+    "exclusion": (
+        "excluded",
+        administration.add_to_exclusion_list,
+        administration.remove_from_exclusion_list,
+        ("AddToExclusionList", "RemoveFromExclusionList"),
+    ),
+}
+
+
+async def _list_command(runtime: Runtime, args: argparse.Namespace) -> int:
+    column, add, remove, (add_operation, remove_operation) = _LISTS[args.command]
+    if args.action == "list":
+        members: list[AccountRecord] = []
+        token = ""
+        while True:
+            page, token = await administration.list_members(runtime, column, 1000, token)
+            members.extend(page)
+            if not token:
+                break
+        if args.json:
+            print(json.dumps([_status_json(member) for member in members]))
+        else:
+            for member in members:
+                print(member.username)
+        return EXIT_OK
+    if args.action == "add":
+        record = await add(runtime, _cli_caller(add_operation), args.username)
+    else:
+        record = await remove(runtime, _cli_caller(remove_operation), args.username)
+    _print_status(record, args.json)
+    return EXIT_OK
+
+
+async def _reset_key(runtime: Runtime, args: argparse.Namespace) -> int:
+    record = await secret_keys.reset_secret(runtime, _cli_caller("ResetSecret"), args.username)
+    _print_status(record, args.json)
+    return EXIT_OK
+
+
+async def _delete_key(runtime: Runtime, args: argparse.Namespace) -> int:
+    record = await secret_keys.delete_secret(runtime, _cli_caller("DeleteSecret"), args.username)
+    _print_status(record, args.json)
+    return EXIT_OK
+
+
+async def _set_protection(runtime: Runtime, args: argparse.Namespace) -> int:
+    record = await administration.set_protection(
+        runtime, _cli_caller("SetAccountProtection"), args.username, args.setting == "on"
+    )
+    _print_status(record, args.json)
+    return EXIT_OK
+
+
+ENROLL_ATTEMPTS = 3
+
+
+async def _read_code(prompt: str) -> str:
+    print(prompt, end="", file=sys.stderr, flush=True)
+    line: str = await asyncio.to_thread(sys.stdin.readline)
+    if not line:
+        raise errors.InvalidArgument("code", "no code was entered")
+    return line.strip()
+
+
+async def _enroll(runtime: Runtime, args: argparse.Namespace) -> int:
+    """Sets up an allowlisted account's key at this terminal: the QR code and the otpauth://
+    URI are shown once, then a code from the authenticator app activates the key."""
+    started = await sign_in.begin_enrollment_at_terminal(
+        runtime, _cli_caller("BeginEnrollment"), args.username
+    )
+    key = started.pending_key
+    # With --json, stdout carries JSON lines only (the pending key, then the account); the QR
+    # code and the prompt go to stderr.
+    shown = sys.stderr if args.json else sys.stdout
+    if not args.no_qr:
+        print(await asyncio.to_thread(totp.qr_terminal, key.provisioning_uri), file=shown)
+    if args.json:
+        pending = {
+            "secret_base32": key.secret.base32(),
+            "provisioning_uri": key.provisioning_uri,
+            "expires_at": key.expires_at.isoformat(),
+        }
+        print(json.dumps(pending), flush=True)
+    else:
+        print(
+            "Scan the QR code with the authenticator app, or type in the key.\n"
+            f"  key: {key.secret.base32()}\n"
+            f"  uri: {key.provisioning_uri}\n"
+            f"  expires: {key.expires_at.isoformat()}",
+            flush=True,
+        )
+    for attempt in range(1, ENROLL_ATTEMPTS + 1):
+        code = await _read_code("Code from the authenticator app: ")
+        try:
+            await sign_in.complete_enrollment_at_terminal(
+                runtime, _cli_caller("CompleteEnrollment"), started.ticket, code
+            )
+        except (errors.InvalidArgument, errors.RuleViolation) as exc:
+            retry = isinstance(exc, errors.InvalidArgument) or exc.reason == "CODE_INVALID"
+            if not retry or attempt == ENROLL_ATTEMPTS:
+                raise
+            print(f"error: {exc.message}", file=sys.stderr)
+            continue
+        break
+    record = await administration.account_status(
+        runtime, _cli_caller("GetAccountStatus"), args.username
+    )
+    _print_status(record, args.json)
+    return EXIT_OK
+
+
+def _worker_count(raw: str) -> int:
+    if not raw.isdigit() or not 1 <= int(raw) <= 64:
+        raise argparse.ArgumentTypeError("must be a whole number from 1 to 64")
+    return int(raw)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="twofactor",
         description="TwoFactorService: serve the gRPC API, or administer accounts from the shell. "
         "Configuration comes from TWOFACTOR_* environment variables (see README).",
+        epilog=EXIT_CODES_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("serve", help="migrate the database and serve the gRPC API")
+    serve = sub.add_parser("serve", help="migrate the database and serve the gRPC API")
+    serve.add_argument(
+        "--workers",
+        type=_worker_count,
+        help="server processes sharing the port (SO_REUSEPORT); default TWOFACTOR_WORKERS or 1",
+    )
     sub.add_parser("migrate", help="apply database migrations and exit")
     sub.add_parser("new-encryption-key", help="print a new key line for TWOFACTOR_ENCRYPTION_KEYS")
 
@@ -194,7 +405,92 @@ def build_parser() -> argparse.ArgumentParser:
         cmd.add_argument("--area", help="functional area")
         cmd.add_argument("--permission", help="permission")
         cmd.add_argument("--json", action="store_true", help="print the account as JSON")
+
+    rotate = sub.add_parser(
+        "rotate-keys",
+        help="re-encrypt every stored secret under the first key of the ring, while serving",
+    )
+    rotate.add_argument(
+        "--batch-size",
+        type=key_rotation.batch_size_argument,
+        default=key_rotation.DEFAULT_BATCH_SIZE,
+        help="secrets per transaction (1 to 10000, default %(default)s)",
+    )
+    verify_audit = sub.add_parser(
+        "verify-audit",
+        help="seal the audit log, then recompute its hash chain; exit 6 when it was tampered with",
+    )
+    verify_audit.add_argument(
+        "--anchor",
+        type=audit_chain.anchor_argument,
+        action="append",
+        default=[],
+        metavar="POSITION:LINK",
+        help="a chain head printed by an earlier check, kept outside the database: the chain "
+        "must still hold it (repeatable)",
+    )
+    _add_account_commands(sub)
     return parser
+
+
+def _add_account_commands(sub: Any) -> None:
+    """The operator's commands on accounts' 2FA; they go through the functions the RPCs use, so
+    the same rules hold. Audited with the actor cli:<os user>."""
+
+    def command(name: str, help_text: str, *, username: bool = True) -> argparse.ArgumentParser:
+        cmd: argparse.ArgumentParser = sub.add_parser(
+            name,
+            help=help_text,
+            description=help_text,
+            epilog=EXIT_CODES_HELP,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        if username:
+            cmd.add_argument("username")
+        cmd.add_argument("--json", action="store_true", help="print the result as JSON")
+        return cmd
+
+    command("status", "show an account's 2FA state, key, list memberships, protection, lockout")
+    lists = (
+        ("allowlist", "the 2FA allowlist: accounts that set up a key at their next sign-in"),
+        ("exclusion", "the exclusion list: accounts that sign in without 2FA"),
+    )
+    for name, help_text in lists:
+        cmd = sub.add_parser(name, help=help_text, description=help_text)
+        actions = cmd.add_subparsers(dest="action", required=True)
+        for action, action_help in (
+            ("list", "list the accounts on it"),
+            ("add", "add an account"),
+            ("remove", "remove an account"),
+        ):
+            sub_cmd = actions.add_parser(
+                action,
+                help=action_help,
+                description=f"{help_text}: {action_help}",
+                epilog=EXIT_CODES_HELP,
+                formatter_class=argparse.RawDescriptionHelpFormatter,
+            )
+            if action != "list":
+                sub_cmd.add_argument("username")
+            sub_cmd.add_argument("--json", action="store_true", help="print the result as JSON")
+    command(
+        "reset-key",
+        "reset an account's key: delete it, put the account on the allowlist, end its sessions",
+    )
+    command(
+        "delete-key",
+        "delete an internal account's key and take it off the allowlist: it is blocked",
+    )
+    protection = command(
+        "set-protection", "turn an account's protection against unauthorized modification on/off"
+    )
+    protection.add_argument("setting", choices=["on", "off"])
+    enroll = command(
+        "enroll",
+        "set up an allowlisted account's key here: shows the QR code and the otpauth:// URI, "
+        "then asks for a code (stdin) and activates the key",
+    )
+    enroll.add_argument("--no-qr", action="store_true", help="do not draw the QR code")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -207,6 +503,10 @@ def main(argv: list[str] | None = None) -> int:
     logs.configure(config.log_level)
     try:
         if args.command == "serve":
+            if args.workers is not None:
+                config = dataclasses.replace(config, workers=args.workers)
+            if config.workers > 1:
+                return _serve_with_workers(config)
             _install_uvloop()
             asyncio.run(_serve(config))
             return EXIT_OK
@@ -218,6 +518,17 @@ def main(argv: list[str] | None = None) -> int:
             "create-user": lambda runtime: _create_user(runtime, args),
             "grant": lambda runtime: _change_right(runtime, args, True),
             "revoke": lambda runtime: _change_right(runtime, args, False),
+            "rotate-keys": lambda runtime: key_rotation.rotate_keys_command(
+                runtime, _cli_caller("RotateEncryptionKeys"), args.batch_size
+            ),
+            "verify-audit": lambda runtime: audit_chain.verify_command(runtime.pool, args.anchor),
+            "status": lambda runtime: _status(runtime, args),
+            "allowlist": lambda runtime: _list_command(runtime, args),
+            "exclusion": lambda runtime: _list_command(runtime, args),
+            "reset-key": lambda runtime: _reset_key(runtime, args),
+            "delete-key": lambda runtime: _delete_key(runtime, args),
+            "set-protection": lambda runtime: _set_protection(runtime, args),
+            "enroll": lambda runtime: _enroll(runtime, args),
         }
         return asyncio.run(_with_runtime(config, work[args.command]))
     except ConfigError as exc:

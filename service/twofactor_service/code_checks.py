@@ -7,28 +7,41 @@ counts the failure and a replayed code stays used.
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
 from datetime import datetime
-
-import asyncpg
 
 from twofactor_service import totp
 from twofactor_service.errors import LockedOut
 from twofactor_service.runtime import Runtime
 from twofactor_service.store import accounts, keys
+from twofactor_service.store.database import Connection
 from twofactor_service.store.keys import StoredKey
 
 # Bound into every ciphertext's associated data with the account id.
-SECRET_PURPOSE = "totp-secret"
+SECRET_PURPOSE = "totp-secret"  # noqa: S105 - a label, not a secret
 
 
-async def check_code(runtime: Runtime, conn: asyncpg.Connection, key: StoredKey, code: str) -> bool:
+class CodeCheck(enum.Enum):
+    VALID = "valid"
+    INVALID = "invalid"
+    # Right code, but its time step was used before (SPEC §4): worth telling apart in metrics.
+    REPLAYED = "replayed"
+
+
+async def check_code(runtime: Runtime, conn: Connection, key: StoredKey, code: str) -> bool:
     """True when `code` is valid now for `key` and its time step was not used before; that
     step is then used up (SPEC §4)."""
+    return await check_code_detailed(runtime, conn, key, code) is CodeCheck.VALID
+
+
+def match_code(runtime: Runtime, key: StoredKey, code: str) -> totp.StepMatch:
+    """Which unused time step of `key` the code matches now; nothing is used up yet (the
+    caller consumes the step: keys.consume_step)."""
     if len(code) != key.parameters.digits:
-        return False
+        return totp.StepMatch(None, replayed=False)
     secret = runtime.key_ring.open(key.sealed, account_id=key.account_id, purpose=SECRET_PURPOSE)
-    step = totp.matching_step(
+    return totp.matching_step(
         secret,
         key.parameters,
         code,
@@ -36,7 +49,20 @@ async def check_code(runtime: Runtime, conn: asyncpg.Connection, key: StoredKey,
         window=runtime.config.totp.valid_window,
         after_step=key.last_used_step,
     )
-    return step is not None and await keys.consume_step(conn, key.id, step)
+
+
+async def check_code_detailed(
+    runtime: Runtime, conn: Connection, key: StoredKey, code: str
+) -> CodeCheck:
+    """check_code, telling a replayed code from a wrong one."""
+    match = match_code(runtime, key, code)
+    if match.step is None:
+        return CodeCheck.REPLAYED if match.replayed else CodeCheck.INVALID
+    if await keys.consume_step(conn, key.id, match.step):
+        return CodeCheck.VALID
+    # Another call used this step (or a newer one) first: the same code at the same moment on
+    # two replicas. (Rarely, a lockout that began meanwhile; the code was right either way.)
+    return CodeCheck.REPLAYED
 
 
 def ensure_not_locked(locked_until: datetime | None, now: datetime) -> None:
@@ -45,13 +71,13 @@ def ensure_not_locked(locked_until: datetime | None, now: datetime) -> None:
         raise LockedOut((locked_until - now).total_seconds())
 
 
-async def ensure_account_not_locked(conn: asyncpg.Connection, account_id: int) -> None:
+async def ensure_account_not_locked(conn: Connection, account_id: int) -> None:
     remaining = await accounts.lock_remaining_seconds(conn, account_id)
     if remaining > 0:
         raise LockedOut(remaining)
 
 
-async def count_failure(runtime: Runtime, conn: asyncpg.Connection, account_id: int) -> None:
+async def count_failure(runtime: Runtime, conn: Connection, account_id: int) -> None:
     await accounts.record_failure(conn, account_id, runtime.lockout_schedule)
 
 

@@ -1,4 +1,4 @@
-"""Configuration: read once at start from `TWOFACTOR_*` environment variables into a frozen object."""
+"""Configuration: read once at start from the `TWOFACTOR_*` environment into a frozen object."""
 
 from __future__ import annotations
 
@@ -91,11 +91,13 @@ def _path(env: Mapping[str, str], name: str) -> Path | None:
 
 
 def load_config(env: Mapping[str, str] | None = None) -> Config:
-    """Builds the configuration from the environment; raises ConfigError with the variable's name."""
+    """Builds the configuration from the environment; raises ConfigError naming the variable."""
     env = os.environ if env is None else env
     algorithm = env.get(PREFIX + "TOTP_ALGORITHM", "SHA1").upper()
     if algorithm not in ("SHA1", "SHA256", "SHA512"):
-        raise ConfigError(f"{PREFIX}TOTP_ALGORITHM must be SHA1, SHA256 or SHA512, got {algorithm!r}")
+        raise ConfigError(
+            f"{PREFIX}TOTP_ALGORITHM must be SHA1, SHA256 or SHA512, got {algorithm!r}"
+        )
     totp = TotpParameters(
         algorithm=algorithm,
         digits=_int(env, "TOTP_DIGITS", 6, 6, 8),
@@ -109,10 +111,21 @@ def load_config(env: Mapping[str, str] | None = None) -> Config:
     )
     tls = None
     cert, key = _path(env, "TLS_CERT_FILE"), _path(env, "TLS_KEY_FILE")
+    client_ca = _path(env, "TLS_CLIENT_CA_FILE")
     if cert or key:
         if not (cert and key):
             raise ConfigError(f"{PREFIX}TLS_CERT_FILE and {PREFIX}TLS_KEY_FILE go together")
-        tls = TlsConfig(cert, key, _path(env, "TLS_CLIENT_CA_FILE"))
+        tls = TlsConfig(cert, key, client_ca)
+    elif client_ca:
+        # Serving plaintext when mTLS was asked for would be a silent downgrade.
+        raise ConfigError(
+            f"{PREFIX}TLS_CLIENT_CA_FILE needs {PREFIX}TLS_CERT_FILE and {PREFIX}TLS_KEY_FILE"
+        )
+    tls_files = {"TLS_CERT_FILE": cert, "TLS_KEY_FILE": key, "TLS_CLIENT_CA_FILE": client_ca}
+    for name, path in tls_files.items():
+        # Checked now, so a wrong path is reported as such and before the database is touched.
+        if path is not None and not path.is_file():
+            raise ConfigError(f"{PREFIX}{name}: no such file {str(path)!r}")
     log_level = env.get(PREFIX + "LOG_LEVEL", "INFO").upper()
     if log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise ConfigError(f"{PREFIX}LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR")
@@ -133,4 +146,5 @@ def load_config(env: Mapping[str, str] | None = None) -> Config:
         log_level=log_level,
         tls=tls,
         workers=_int(env, "WORKERS", 1, 1, 64),
+        max_message_bytes=_int(env, "MAX_MESSAGE_BYTES", 64 * 1024, 1024, 4 * 1024 * 1024),
     )

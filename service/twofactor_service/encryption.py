@@ -112,7 +112,9 @@ def load_key_ring(config: Config) -> tuple[KeyRing, str | None]:
         try:
             text = path.read_text()
         except OSError as exc:
-            raise ConfigError(f"cannot read TWOFACTOR_ENCRYPTION_KEY_FILE {path}: {exc.strerror}") from None
+            raise ConfigError(
+                f"cannot read TWOFACTOR_ENCRYPTION_KEY_FILE {path}: {exc.strerror}"
+            ) from None
         return KeyRing(parse_keys(text, str(path))), None
     if not config.embedded_database:
         raise ConfigError(

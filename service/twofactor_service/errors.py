@@ -1,4 +1,4 @@
-"""Domain errors: each carries the gRPC status, a stable ErrorInfo reason and a message a person can act on.
+"""Domain errors: each carries a gRPC status, a stable ErrorInfo reason and an actionable message.
 
 One interceptor (transport.errors) turns them into a `google.rpc.Status`. Messages never hold a
 secret, code, password or token.
@@ -41,7 +41,9 @@ class AccountExists(TwoFactorError):
     reason = "ACCOUNT_EXISTS"
 
     def __init__(self, username: str) -> None:
-        super().__init__(f"an account named {username!r} already exists (names are case-insensitive)")
+        super().__init__(
+            f"an account named {username!r} already exists (names are case-insensitive)"
+        )
 
 
 class Unauthenticated(TwoFactorError):
@@ -145,3 +147,16 @@ class DatabaseUnavailable(TwoFactorError):
 
     def __init__(self) -> None:
         super().__init__("the database is unavailable; retry shortly", retry_after_seconds=1.0)
+
+
+class SecretUnreadable(TwoFactorError):
+    """A stored secret failed to decrypt: its row was altered or copied, or its encryption key
+    is no longer configured. Not the caller's fault, and retrying will not help."""
+
+    code = grpc.StatusCode.DATA_LOSS
+    reason = "SECRET_UNREADABLE"
+
+    def __init__(self) -> None:
+        super().__init__(
+            "this account's stored secret key cannot be read; an administrator must reset it"
+        )

@@ -88,7 +88,7 @@ def same_account(a: str, b: str) -> bool:
 
 
 def authorize(actor: Actor, policy: MethodPolicy, target: str | None) -> None:
-    """Raises unless `actor` may call an RPC with `policy` on `target` (seed: 2FA, then the right)."""
+    """Raises unless `actor` may call an RPC with `policy` on `target` (seed: 2FA, then right)."""
     if policy.allow_self_without_right and (not target or same_account(target, actor.username)):
         return
     if policy.required_right is not None and policy.required_right not in actor.rights:
@@ -101,16 +101,19 @@ def authorize(actor: Actor, policy: MethodPolicy, target: str | None) -> None:
 def lockout_delay_seconds(consecutive_failures: int, policy: LockoutPolicy) -> int:
     """How long attempts are locked after this many consecutive failures.
 
-    The first `free_failures` cost nothing; from then on the delay starts at
-    `first_delay_seconds` and doubles with every further failure, up to `max_delay_seconds`.
-    With the defaults (5, 30 s, 15 min) an attacker gets well under 100 guesses a day, far
-    inside NIST SP 800-63B's limit of 100 consecutive failures.
+    The first `free_failures - 1` cost nothing; the `free_failures`-th locks for
+    `first_delay_seconds`, and each further one for twice as long, up to `max_delay_seconds`.
+    So at most `free_failures - 1` failures in a row go without a lockout, far inside NIST SP
+    800-63B's limit of 100. With the defaults (5, 30 s, 15 min) a guesser who waits out every
+    lockout still gets 104 guesses in the first day and 96 a day after that
+    (tests/test_lockout.py; docs/readme/security.md).
     """
     over = consecutive_failures - policy.free_failures
     if over < 0:
         return 0
     # Bound the exponent so a huge count cannot build a huge integer.
-    return min(policy.first_delay_seconds * 2 ** min(over, 32), policy.max_delay_seconds)
+    doubling: int = 2 ** min(over, 32)
+    return min(policy.first_delay_seconds * doubling, policy.max_delay_seconds)
 
 
 def lockout_schedule(policy: LockoutPolicy) -> list[int]:
@@ -187,7 +190,9 @@ def validate_issuer(value: str) -> str:
 def validate_right(area: str, permission: str) -> Right:
     for field, value in (("right.functional_area", area), ("right.permission", permission)):
         if not value or len(value) > MAX_RIGHT_PART_LENGTH or not value.isprintable():
-            raise InvalidArgument(field, f"must be 1 to {MAX_RIGHT_PART_LENGTH} printable characters")
+            raise InvalidArgument(
+                field, f"must be 1 to {MAX_RIGHT_PART_LENGTH} printable characters"
+            )
     return (area, permission)
 
 
@@ -200,8 +205,9 @@ def validate_page_size(value: int) -> int:
 # --- Rules of the seed page for the administrative operations.
 
 
-def check_reset_allowed(actor: Actor, target: str, *, excluded: bool) -> None:
-    if same_account(actor.username, target):
+def check_reset_allowed(actor: Actor | None, target: str, *, excluded: bool) -> None:
+    """`actor` None: the operator at the command line, who has no account of its own here."""
+    if actor is not None and same_account(actor.username, target):
         raise RuleViolation(
             "OWN_KEY_RESET",
             "you cannot reset your own secret key; regenerate it with BeginRegenerateSecret",
@@ -213,13 +219,25 @@ def check_reset_allowed(actor: Actor, target: str, *, excluded: bool) -> None:
         )
 
 
-def check_delete_allowed(actor: Actor, target: str, *, kind: AccountKind) -> None:
-    if same_account(actor.username, target):
-        raise RuleViolation("OWN_KEY_DELETE", "you cannot delete the secret key of your own account")
+def check_delete_allowed(actor: Actor | None, target: str, *, kind: AccountKind) -> None:
+    if actor is not None and same_account(actor.username, target):
+        raise RuleViolation(
+            "OWN_KEY_DELETE", "you cannot delete the secret key of your own account"
+        )
     if kind is not AccountKind.INTERNAL:
         raise RuleViolation(
             "NOT_INTERNAL_ACCOUNT",
             f"account {target!r} is a domain account; only internal accounts' keys can be deleted",
+        )
+
+
+def check_exclusion_add_allowed(actor: Actor | None, target: str) -> None:
+    """Excluding an account deletes its key; for one's own account that would be the deletion
+    of one's own key that the seed forbids, and would drop one's own second factor."""
+    if actor is not None and same_account(actor.username, target):
+        raise RuleViolation(
+            "OWN_ACCOUNT_EXCLUSION",
+            "you cannot put your own account on the exclusion list; another administrator can",
         )
 
 

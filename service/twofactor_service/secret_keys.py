@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import asyncio
 
-import asyncpg
-
 from twofactor_service import rules, totp
 from twofactor_service.caller import Caller
 from twofactor_service.code_checks import (
@@ -20,10 +18,11 @@ from twofactor_service.errors import AccountNotFound, RuleViolation
 from twofactor_service.runtime import Runtime
 from twofactor_service.store import accounts, audit, keys, sessions, settings
 from twofactor_service.store.accounts import AccountRecord
+from twofactor_service.store.database import Connection
 
 
 async def make_pending_key(
-    runtime: Runtime, conn: asyncpg.Connection, account_id: int, username: str
+    runtime: Runtime, conn: Connection, account_id: int, username: str
 ) -> tuple[int, PendingKeyView]:
     """A new pending key for the account (replacing any earlier pending one), with its
     provisioning URI and QR codes. The issuer is read now: a changed issuer name applies to
@@ -75,14 +74,18 @@ async def confirm_regenerate(runtime: Runtime, caller: Caller, code: str) -> Acc
                 "still works. Check the authenticator app's clock and try the next code",
             )
         async with conn.transaction():
+            # The account row first, as a reset or delete takes it: racing them, one waits.
+            await accounts.lock_by_id(conn, actor.account_id)
             if not await keys.activate_pending(conn, pending.id):
-                raise RuleViolation("NO_PENDING_KEY", "the pending key expired meanwhile; begin again")
+                raise RuleViolation(
+                    "NO_PENDING_KEY", "the pending key expired meanwhile; begin again"
+                )
             await accounts.clear_failures(conn, actor.account_id)
             await audit.append(conn, caller.audit(actor.username))
             return await accounts.find_by_id(conn, actor.account_id)
 
 
-async def _locked_target(conn: asyncpg.Connection, username: str) -> AccountRecord:
+async def _locked_target(conn: Connection, username: str) -> AccountRecord:
     account = await accounts.lock(conn, username)
     if account is None:
         raise AccountNotFound(username)
@@ -92,7 +95,7 @@ async def _locked_target(conn: asyncpg.Connection, username: str) -> AccountReco
 async def reset_secret(runtime: Runtime, caller: Caller, username: str) -> AccountRecord:
     """Seed: the existing key is deleted and the account is added to the allowlist; at the next
     sign-in it sets up a new key. One transaction, sessions ended, audited."""
-    actor = caller.signed_in()
+    actor = caller.actor  # None for the operator's `twofactor reset-key`
     rules.validate_username(username)
     async with runtime.pool.acquire() as conn, conn.transaction():
         target = await _locked_target(conn, username)
@@ -107,7 +110,7 @@ async def reset_secret(runtime: Runtime, caller: Caller, username: str) -> Accou
 async def delete_secret(runtime: Runtime, caller: Caller, username: str) -> AccountRecord:
     """Seed: deleting the key completely blocks the user from signing in, until an
     administrator adds it to the allowlist again."""
-    actor = caller.signed_in()
+    actor = caller.actor  # None for the operator's `twofactor delete-key`
     rules.validate_username(username)
     async with runtime.pool.acquire() as conn, conn.transaction():
         target = await _locked_target(conn, username)

@@ -6,20 +6,25 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import asyncpg
 import grpc
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from twofactor.v1 import twofactor_service_pb2_grpc as pb_grpc
 
-from twofactor_service.config import Config
+from twofactor_service.audit_chain import seal_periodically
+from twofactor_service.config import Config, ConfigError
 from twofactor_service.encryption import KeyRing
 from twofactor_service.policy import SERVICE, load_policies
 from twofactor_service.runtime import Runtime
 from twofactor_service.store import database
+from twofactor_service.transport.access_log import AccessLogInterceptor
 from twofactor_service.transport.interceptors import interceptors
+from twofactor_service.transport.metrics import MetricsEndpoint, MetricsInterceptor, serve_metrics
 from twofactor_service.transport.servicer import TwoFactorServicer
 
 log = logging.getLogger(__name__)
@@ -27,13 +32,32 @@ log = logging.getLogger(__name__)
 HEALTH_INTERVAL_SECONDS = 1.0
 
 
+def _pem_certificates(data: bytes, variable: str) -> list[x509.Certificate]:
+    try:
+        return x509.load_pem_x509_certificates(data)
+    except ValueError:
+        raise ConfigError(f"TWOFACTOR_{variable}: not a PEM certificate file") from None
+
+
 def _credentials(config: Config) -> grpc.ServerCredentials | None:
     if config.tls is None:
         return None
     tls = config.tls
+    cert, key = tls.cert_file.read_bytes(), tls.key_file.read_bytes()
     client_ca = tls.client_ca_file.read_bytes() if tls.client_ca_file else None
+    # gRPC reports unusable PEM only as "Failed to bind to address": check it here, so the
+    # operator is told which file is wrong.
+    chain = _pem_certificates(cert, "TLS_CERT_FILE")
+    try:
+        private_key = serialization.load_pem_private_key(key, password=None)
+    except (ValueError, TypeError):
+        raise ConfigError("TWOFACTOR_TLS_KEY_FILE: not an unencrypted PEM private key") from None
+    if chain[0].public_key() != private_key.public_key():
+        raise ConfigError("TWOFACTOR_TLS_KEY_FILE is not the key of TWOFACTOR_TLS_CERT_FILE")
+    if client_ca is not None:
+        _pem_certificates(client_ca, "TLS_CLIENT_CA_FILE")
     return grpc.ssl_server_credentials(
-        [(tls.key_file.read_bytes(), tls.cert_file.read_bytes())],
+        [(key, cert)],
         root_certificates=client_ca,
         require_client_auth=client_ca is not None,
     )
@@ -45,6 +69,10 @@ class RunningServer:
     port: int
     health: health.aio.HealthServicer
     watcher: asyncio.Task[None]
+    # The Prometheus endpoint, when TWOFACTOR_METRICS_ADDRESS is set.
+    metrics: MetricsEndpoint | None = field(default=None)
+    # Links new audit events into the tamper-evident chain (audit_chain.py).
+    sealer: asyncio.Task[None] | None = field(default=None)
 
     async def stop(self, grace: float | None = 5.0) -> None:
         """Graceful: stop taking calls, let running ones finish within `grace` seconds."""
@@ -52,7 +80,13 @@ class RunningServer:
         self.watcher.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self.watcher
+        if self.sealer is not None:
+            self.sealer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.sealer
         await self.server.stop(grace)
+        if self.metrics is not None:
+            await asyncio.to_thread(self.metrics.stop)
 
 
 async def _watch_database(pool: asyncpg.Pool, servicer: health.aio.HealthServicer) -> None:
@@ -77,8 +111,12 @@ async def start_server(
     config: Config, pool: asyncpg.Pool, key_ring: KeyRing, *, runtime: Runtime | None = None
 ) -> RunningServer:
     runtime = runtime or Runtime(config=config, pool=pool, key_ring=key_ring)
+    # Outermost first: the metrics and the access log see the status the client gets.
+    observers: list[grpc.aio.ServerInterceptor] = [AccessLogInterceptor()]
+    if config.metrics_address:
+        observers.insert(0, MetricsInterceptor())
     server = grpc.aio.server(
-        interceptors=interceptors(runtime, load_policies()),
+        interceptors=[*observers, *interceptors(runtime, load_policies())],
         options=[
             ("grpc.max_receive_message_length", config.max_message_bytes),
             ("grpc.so_reuseport", 1 if config.workers > 1 else 0),
@@ -99,5 +137,12 @@ async def start_server(
     if port == 0:
         raise OSError(f"cannot listen on {config.listen_address}")
     await server.start()
+    try:
+        address = config.metrics_address
+        endpoint = serve_metrics(address, pool) if address else None
+    except BaseException:
+        await server.stop(None)
+        raise
     watcher = asyncio.create_task(_watch_database(pool, health_servicer))
-    return RunningServer(server, port, health_servicer, watcher)
+    sealer = asyncio.create_task(seal_periodically(pool))
+    return RunningServer(server, port, health_servicer, watcher, endpoint, sealer=sealer)

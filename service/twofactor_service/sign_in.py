@@ -6,8 +6,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
-import asyncpg
-
 from twofactor_service import errors, rules
 from twofactor_service.caller import Caller
 from twofactor_service.code_checks import (
@@ -22,6 +20,7 @@ from twofactor_service.runtime import Runtime
 from twofactor_service.secret_keys import make_pending_key
 from twofactor_service.store import accounts, audit, keys, sessions
 from twofactor_service.store.accounts import AccountRecord
+from twofactor_service.store.database import Connection
 
 MAX_TICKET_LENGTH = 128
 
@@ -48,7 +47,7 @@ SignInResult = OpenedSession | StartedEnrollment
 
 
 async def _open_session(
-    runtime: Runtime, conn: asyncpg.Connection, account_id: int, *, with_two_factor: bool
+    runtime: Runtime, conn: Connection, account_id: int, *, with_two_factor: bool
 ) -> OpenedSession:
     token, expires_at = await sessions.open_session(
         conn,
@@ -60,7 +59,7 @@ async def _open_session(
 
 
 async def _after_first_factor(
-    runtime: Runtime, conn: asyncpg.Connection, caller: Caller, account: AccountRecord, code: str
+    runtime: Runtime, conn: Connection, caller: Caller, account: AccountRecord, code: str
 ) -> SignInResult:
     """The state machine of O6 once the first factor (password, or the directory's word) holds."""
     state = account.state
@@ -76,17 +75,56 @@ async def _after_first_factor(
     async with conn.transaction():
         await accounts.clear_failures(conn, account.id)
         if state is TwoFactorState.ALLOWLISTED:
-            key_id, view = await make_pending_key(runtime, conn, account.id, account.username)
-            ticket = await sessions.open_ticket(
-                conn, account.id, key_id, runtime.config.enrollment_ticket_ttl_seconds
-            )
-            await audit.append(conn, caller.audit(account.username, reason="ENROLLMENT_REQUIRED"))
-            return StartedEnrollment(ticket, view)
+            return await _start_enrollment(runtime, conn, caller, account)
         opened = await _open_session(
             runtime, conn, account.id, with_two_factor=state is TwoFactorState.ENROLLED
         )
         await audit.append(conn, caller.audit(account.username, reason="SESSION_OPENED"))
         return opened
+
+
+async def _start_enrollment(
+    runtime: Runtime, conn: Connection, caller: Caller, account: AccountRecord
+) -> StartedEnrollment:
+    """A pending key and the ticket that confirms it. Call inside a transaction."""
+    key_id, view = await make_pending_key(runtime, conn, account.id, account.username)
+    ticket = await sessions.open_ticket(
+        conn, account.id, key_id, runtime.config.enrollment_ticket_ttl_seconds
+    )
+    await audit.append(conn, caller.audit(account.username, reason="ENROLLMENT_REQUIRED"))
+    return StartedEnrollment(ticket, view)
+
+
+async def begin_enrollment_at_terminal(
+    runtime: Runtime, caller: Caller, username: str
+) -> StartedEnrollment:
+    """The operator's `twofactor enroll`: an allowlisted account's key is set up at the
+    operator's terminal instead of at its first sign-in (no password is asked: the operator
+    holds the database and the encryption keys anyway). The same rules as a sign-in: only an
+    ALLOWLISTED account gets a pending key."""
+    rules.validate_username(username)
+    async with runtime.pool.acquire() as conn, conn.transaction():
+        account = await accounts.lock(conn, username)
+        if account is None:
+            raise errors.AccountNotFound(username)
+        refusals = {
+            TwoFactorState.ENROLLED: (
+                "ACCOUNT_HAS_KEY",
+                "already has a secret key; reset it first (twofactor reset-key)",
+            ),
+            TwoFactorState.BLOCKED: (
+                "NOT_ALLOWLISTED",
+                "is not on the allowlist; add it first (twofactor allowlist add)",
+            ),
+            TwoFactorState.EXCLUDED: (
+                "ACCOUNT_EXCLUDED",
+                "is on the exclusion list and signs in without a key",
+            ),
+        }
+        if account.state in refusals:
+            reason, why = refusals[account.state]
+            raise errors.RuleViolation(reason, f"account {account.username!r} {why}")
+        return await _start_enrollment(runtime, conn, caller, account)
 
 
 async def sign_in(
@@ -144,6 +182,21 @@ async def complete_enrollment(
 ) -> OpenedSession:
     """A valid code of the pending key activates it, takes the account off the allowlist and
     opens a session."""
+    opened = await _complete_enrollment(runtime, caller, ticket, code, open_session=True)
+    assert opened is not None
+    return opened
+
+
+async def complete_enrollment_at_terminal(
+    runtime: Runtime, caller: Caller, ticket: str, code: str
+) -> None:
+    """As complete_enrollment, for `twofactor enroll`: the key is activated, nobody signs in."""
+    await _complete_enrollment(runtime, caller, ticket, code, open_session=False)
+
+
+async def _complete_enrollment(
+    runtime: Runtime, caller: Caller, ticket: str, code: str, *, open_session: bool
+) -> OpenedSession | None:
     if not ticket:
         raise errors.InvalidArgument("enrollment_ticket", "is required")
     if len(ticket) > MAX_TICKET_LENGTH:
@@ -166,6 +219,8 @@ async def complete_enrollment(
                 "and try the next code",
             )
         async with conn.transaction():
+            # The account row first, as a reset or delete takes it: racing them, one waits.
+            await accounts.lock_by_id(conn, account_id)
             # The ticket is single-use: whoever deletes it first completes the enrollment.
             if await sessions.take_ticket(conn, ticket) is None:
                 raise _invalid_ticket()
@@ -175,6 +230,9 @@ async def complete_enrollment(
             account = await accounts.find_by_id(conn, account_id)
             await accounts.set_lists(conn, account_id, allowlisted=False, excluded=False)
             await accounts.clear_failures(conn, account_id)
+            if not open_session:
+                await audit.append(conn, caller.audit(account.username, reason="KEY_ACTIVATED"))
+                return None
             opened = await _open_session(runtime, conn, account_id, with_two_factor=True)
             await audit.append(conn, caller.audit(account.username, reason="SESSION_OPENED"))
             return opened

@@ -16,7 +16,7 @@ import segno
 
 from twofactor_service.config import TotpParameters
 
-_DIGESTS: dict[str, Callable[..., "hashlib._Hash"]] = {
+_DIGESTS: dict[str, Callable[..., hashlib._Hash]] = {
     "SHA1": hashlib.sha1,
     "SHA256": hashlib.sha256,
     "SHA512": hashlib.sha512,
@@ -67,21 +67,41 @@ def time_step(now: float, period_seconds: int) -> int:
     return int(now) // period_seconds
 
 
+@dataclass(frozen=True)
+class StepMatch:
+    # The matching time step newer than the last used one, if any.
+    step: int | None
+    # The code matched only steps already used: a replay, not a wrong code.
+    replayed: bool
+
+
+def _hotp(secret: SecretKey, key: KeyParameters, step: int) -> str:
+    """RFC 4226 §5.3 (HOTP of the time step, RFC 6238 §4), computed as pyotp does, without its
+    base32 round trip of the secret at every step: the hot path checks three steps a call."""
+    mac = hmac.digest(secret.reveal(), step.to_bytes(8, "big"), key.algorithm.lower())
+    offset = mac[-1] & 0x0F
+    value = int.from_bytes(mac[offset : offset + 4], "big") & 0x7FFFFFFF
+    return str(value % 10**key.digits).zfill(key.digits)
+
+
 def matching_step(
     secret: SecretKey, key: KeyParameters, code: str, *, now: float, window: int, after_step: int
-) -> int | None:
+) -> StepMatch:
     """The time step within ±window of now whose code equals `code`, newer than `after_step`.
 
     Steps at or before `after_step` were already used (or are older than a used one): the
     replay rule of SPEC §4 refuses them. Every candidate is compared in constant time.
     """
-    totp = _totp(secret, key)
     current = time_step(now, key.period_seconds)
     found = None
+    used = False
     for step in range(current - window, current + window + 1):
-        if hmac.compare_digest(totp.generate_otp(step), code) and step > after_step:
-            found = step
-    return found
+        if hmac.compare_digest(_hotp(secret, key, step), code):
+            if step > after_step:
+                found = step
+            else:
+                used = True
+    return StepMatch(found, replayed=found is None and used)
 
 
 def code_at(secret: SecretKey, key: KeyParameters, step: int) -> str:

@@ -7,9 +7,9 @@ from dataclasses import dataclass
 
 from twofactor_service import errors, rules
 from twofactor_service.caller import Caller
-from twofactor_service.code_checks import check_code, count_failure
+from twofactor_service.code_checks import CodeCheck, match_code
 from twofactor_service.runtime import Runtime
-from twofactor_service.store import accounts, audit, keys
+from twofactor_service.store import accounts, audit, code_attempts, keys
 
 
 class VerifyResult(enum.Enum):
@@ -22,6 +22,8 @@ class VerifyResult(enum.Enum):
 class VerifyOutcome:
     result: VerifyResult
     retry_after_seconds: float = 0.0
+    # How the code fared, for the metrics; None while locked (the code was not looked at).
+    check: CodeCheck | None = None
 
 
 async def verify_code(runtime: Runtime, caller: Caller, username: str, code: str) -> VerifyOutcome:
@@ -37,18 +39,35 @@ async def verify_code(runtime: Runtime, caller: Caller, username: str, code: str
             )
         if target.lock_remaining_seconds > 0:
             # Locked: the code is not even looked at (RFC 4226 §7.3).
-            outcome = VerifyOutcome(VerifyResult.FAILED_MAX_ATTEMPTS, target.lock_remaining_seconds)
-            reason = "TOO_MANY_FAILED_ATTEMPTS"
-        elif target.key is not None and await check_code(runtime, conn, target.key, code):
-            outcome, reason = VerifyOutcome(VerifyResult.OK), ""
+            await audit.append(
+                conn,
+                caller.audit(target.username, success=False, reason="TOO_MANY_FAILED_ATTEMPTS"),
+            )
+            return VerifyOutcome(VerifyResult.FAILED_MAX_ATTEMPTS, target.lock_remaining_seconds)
+        key = target.key
+        match = None if key is None else match_code(runtime, key, code)
+        # The step used up and the audit event in one statement: one round trip, one commit.
+        if (
+            key is not None
+            and match is not None
+            and match.step is not None
+            and await code_attempts.consume_step(
+                conn, key.id, match.step, caller.audit(target.username)
+            )
+        ):
             if target.failed_attempts:
                 await accounts.clear_failures(conn, target.account_id)
-        else:
-            reason = "NO_ACTIVE_KEY" if target.key is None else "CODE_INVALID"
-            await count_failure(runtime, conn, target.account_id)
-            outcome = VerifyOutcome(VerifyResult.FAILED)
-        await audit.append(
+            return VerifyOutcome(VerifyResult.OK, check=CodeCheck.VALID)
+        # A wrong code, no key, or a right code whose step was used before (also by another
+        # call a moment ago, on any replica): a counted failure, audited in the same statement.
+        replayed = match is not None and (match.step is not None or match.replayed)
+        reason = "NO_ACTIVE_KEY" if key is None else "CODE_INVALID"
+        await code_attempts.record_failure(
             conn,
-            caller.audit(target.username, success=outcome.result is VerifyResult.OK, reason=reason),
+            target.account_id,
+            runtime.lockout_schedule,
+            caller.audit(target.username, success=False, reason=reason),
         )
-    return outcome
+        return VerifyOutcome(
+            VerifyResult.FAILED, check=CodeCheck.REPLAYED if replayed else CodeCheck.INVALID
+        )

@@ -8,6 +8,7 @@ from datetime import datetime
 import asyncpg
 
 from twofactor_service.rules import AccountKind, Right, TwoFactorState, two_factor_state
+from twofactor_service.store.database import Connection
 
 
 @dataclass(frozen=True)
@@ -76,18 +77,18 @@ def _record(row: asyncpg.Record) -> AccountRecord:
     )
 
 
-async def find(conn: asyncpg.Connection, username: str) -> AccountRecord | None:
+async def find(conn: Connection, username: str) -> AccountRecord | None:
     row = await conn.fetchrow(_SELECT_ACCOUNT + "WHERE a.username_key = $1", username_key(username))
     return _record(row) if row else None
 
 
-async def find_by_id(conn: asyncpg.Connection, account_id: int) -> AccountRecord:
+async def find_by_id(conn: Connection, account_id: int) -> AccountRecord:
     row = await conn.fetchrow(_SELECT_ACCOUNT + "WHERE a.id = $1", account_id)
     assert row is not None, "account vanished inside its own transaction"
     return _record(row)
 
 
-async def lock(conn: asyncpg.Connection, username: str) -> AccountRecord | None:
+async def lock(conn: Connection, username: str) -> AccountRecord | None:
     """Locks the account row for the rest of the transaction, then reads it.
 
     Two administrators changing one account serialise here, so each sees the other's result.
@@ -98,8 +99,15 @@ async def lock(conn: asyncpg.Connection, username: str) -> AccountRecord | None:
     return None if account_id is None else await find_by_id(conn, account_id)
 
 
+async def lock_by_id(conn: Connection, account_id: int) -> None:
+    """Takes the same row lock as `lock`. Every transaction that changes an account's keys
+    takes it first, so they queue in one order instead of deadlocking (the account row, then
+    its keys, tickets and sessions)."""
+    await conn.execute("SELECT 1 FROM accounts WHERE id = $1 FOR UPDATE", account_id)
+
+
 async def create(
-    conn: asyncpg.Connection,
+    conn: Connection,
     *,
     username: str,
     kind: AccountKind,
@@ -127,7 +135,7 @@ async def create(
 
 
 async def set_lists(
-    conn: asyncpg.Connection, account_id: int, *, allowlisted: bool, excluded: bool
+    conn: Connection, account_id: int, *, allowlisted: bool, excluded: bool
 ) -> None:
     await conn.execute(
         "UPDATE accounts SET allowlisted = $2, excluded = $3 WHERE id = $1",
@@ -137,17 +145,17 @@ async def set_lists(
     )
 
 
-async def set_protected(conn: asyncpg.Connection, account_id: int, protected: bool) -> None:
+async def set_protected(conn: Connection, account_id: int, protected: bool) -> None:
     await conn.execute("UPDATE accounts SET protected = $2 WHERE id = $1", account_id, protected)
 
 
-async def set_password_hash(conn: asyncpg.Connection, account_id: int, password_hash: str) -> None:
+async def set_password_hash(conn: Connection, account_id: int, password_hash: str) -> None:
     await conn.execute(
         "UPDATE accounts SET password_hash = $2 WHERE id = $1", account_id, password_hash
     )
 
 
-async def grant(conn: asyncpg.Connection, account_id: int, right: Right) -> None:
+async def grant(conn: Connection, account_id: int, right: Right) -> None:
     await conn.execute(
         "INSERT INTO account_rights (account_id, functional_area, permission) VALUES ($1, $2, $3)"
         " ON CONFLICT DO NOTHING",
@@ -156,7 +164,7 @@ async def grant(conn: asyncpg.Connection, account_id: int, right: Right) -> None
     )
 
 
-async def revoke(conn: asyncpg.Connection, account_id: int, right: Right) -> None:
+async def revoke(conn: Connection, account_id: int, right: Right) -> None:
     await conn.execute(
         "DELETE FROM account_rights WHERE account_id = $1 AND functional_area = $2"
         " AND permission = $3",
@@ -166,7 +174,7 @@ async def revoke(conn: asyncpg.Connection, account_id: int, right: Right) -> Non
 
 
 async def list_members(
-    conn: asyncpg.Connection, column: str, *, after: str, limit: int
+    conn: Connection, column: str, *, after: str, limit: int
 ) -> list[AccountRecord]:
     """Accounts on one list ("allowlisted" or "excluded"), by username key, after a page token."""
     assert column in ("allowlisted", "excluded")
@@ -178,33 +186,34 @@ async def list_members(
     return [_record(r) for r in rows]
 
 
+# The lockout rule's statement ($1: account id, $2: the schedule); store.code_attempts runs it
+# together with the audit insert of a VerifyCode.
+RECORD_FAILURE = """
+    UPDATE accounts
+    SET failed_attempts = failed_attempts + 1,
+        locked_until = CASE
+            WHEN ($2::int[])[least(failed_attempts + 1, cardinality($2::int[]))] > 0
+            THEN now() + make_interval(
+                secs => ($2::int[])[least(failed_attempts + 1, cardinality($2::int[]))])
+            ELSE locked_until END
+    WHERE id = $1
+    RETURNING failed_attempts, locked_until
+"""
+
+
 async def record_failure(
-    conn: asyncpg.Connection, account_id: int, schedule: list[int]
+    conn: Connection, account_id: int, schedule: list[int]
 ) -> tuple[int, datetime | None]:
     """Counts one failed attempt and applies the lockout schedule, in one atomic statement.
 
     `schedule[n-1]` is the delay after n consecutive failures; past its end the last delay holds.
     """
-    row = await conn.fetchrow(
-        """
-        UPDATE accounts
-        SET failed_attempts = failed_attempts + 1,
-            locked_until = CASE
-                WHEN ($2::int[])[least(failed_attempts + 1, cardinality($2::int[]))] > 0
-                THEN now() + make_interval(
-                    secs => ($2::int[])[least(failed_attempts + 1, cardinality($2::int[]))])
-                ELSE locked_until END
-        WHERE id = $1
-        RETURNING failed_attempts, locked_until
-        """,
-        account_id,
-        schedule,
-    )
+    row = await conn.fetchrow(RECORD_FAILURE, account_id, schedule)
     assert row is not None
     return row["failed_attempts"], row["locked_until"]
 
 
-async def clear_failures(conn: asyncpg.Connection, account_id: int) -> None:
+async def clear_failures(conn: Connection, account_id: int) -> None:
     await conn.execute(
         "UPDATE accounts SET failed_attempts = 0, locked_until = NULL"
         " WHERE id = $1 AND (failed_attempts <> 0 OR locked_until IS NOT NULL)",
@@ -212,7 +221,7 @@ async def clear_failures(conn: asyncpg.Connection, account_id: int) -> None:
     )
 
 
-async def lock_remaining_seconds(conn: asyncpg.Connection, account_id: int) -> float:
+async def lock_remaining_seconds(conn: Connection, account_id: int) -> float:
     """Seconds left of the account's lockout, 0 when attempts are open."""
     remaining: float = await conn.fetchval(
         "SELECT greatest(0, extract(epoch FROM locked_until - now()))::float8"
@@ -220,3 +229,9 @@ async def lock_remaining_seconds(conn: asyncpg.Connection, account_id: int) -> f
         account_id,
     ) or 0.0
     return remaining
+
+
+async def count_locked_out(conn: Connection) -> int:
+    """How many accounts are locked out right now (for the metrics, once per scrape)."""
+    count: int = await conn.fetchval("SELECT count(*) FROM accounts WHERE locked_until > now()")
+    return count

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
-import asyncpg
+from twofactor_service.store.database import Connection
 
 
 @dataclass(frozen=True)
@@ -33,7 +33,7 @@ class AuditRow:
     peer: str
 
 
-async def append(conn: asyncpg.Connection, entry: AuditEntry) -> None:
+async def append(conn: Connection, entry: AuditEntry) -> None:
     await conn.execute(
         "INSERT INTO audit_events (actor, target, operation, outcome, reason, request_id, peer)"
         " VALUES ($1, $2, $3, $4, $5, $6, $7)",
@@ -60,7 +60,7 @@ class AuditFilter:
 
 
 async def page(
-    conn: asyncpg.Connection, where: AuditFilter, *, before_sequence: int | None, limit: int
+    conn: Connection, where: AuditFilter, *, before_sequence: int | None, limit: int
 ) -> list[AuditRow]:
     """Newest first, from just below `before_sequence`."""
     rows = await conn.fetch(
@@ -90,7 +90,7 @@ async def page(
 Cursor = tuple[str, int]
 
 
-async def after(conn: asyncpg.Connection, cursor: Cursor, limit: int) -> tuple[list[AuditRow], Cursor]:
+async def after(conn: Connection, cursor: Cursor, limit: int) -> tuple[list[AuditRow], Cursor]:
     """Events past `cursor` whose transaction, and every older one, has ended.
 
     Sequence numbers are taken before commit, so a lower sequence can commit after a higher one;
@@ -102,7 +102,8 @@ async def after(conn: asyncpg.Connection, cursor: Cursor, limit: int) -> tuple[l
         SELECT {_COLUMNS}, txid::text AS txid FROM audit_events
         WHERE (txid, sequence) > ($1::text::xid8, $2)
           AND txid < pg_snapshot_xmin(pg_current_snapshot())
-        ORDER BY txid, sequence
+        -- The column, not the text alias of the same name: as text, "1000" sorts before "999".
+        ORDER BY audit_events.txid, sequence
         LIMIT $3
         """,
         cursor[0],
@@ -114,11 +115,20 @@ async def after(conn: asyncpg.Connection, cursor: Cursor, limit: int) -> tuple[l
     return [AuditRow(**{k: v for k, v in r.items() if k != "txid"}) for r in rows], cursor
 
 
-async def cursor_at(conn: asyncpg.Connection, sequence: int) -> Cursor:
-    """The position just after event `sequence`, or after the newest event when 0."""
-    row = await conn.fetchrow(
-        "SELECT txid::text AS txid, sequence FROM audit_events"
-        " WHERE ($1 = 0 OR sequence = $1) ORDER BY txid DESC, sequence DESC LIMIT 1",
-        sequence,
-    )
+async def cursor_at(conn: Connection, sequence: int) -> Cursor:
+    """The position just after event `sequence`, or after the newest event when 0.
+
+    A number no event holds (a rolled-back change leaves a gap) positions after the nearest
+    event before it: starting from the beginning would replay the whole log."""
+    if sequence == 0:
+        row = await conn.fetchrow(
+            "SELECT txid::text AS txid, sequence FROM audit_events"
+            " ORDER BY audit_events.txid DESC, sequence DESC LIMIT 1"
+        )
+    else:
+        row = await conn.fetchrow(
+            "SELECT txid::text AS txid, sequence FROM audit_events"
+            " WHERE sequence <= $1 ORDER BY sequence DESC LIMIT 1",
+            sequence,
+        )
     return (row["txid"], row["sequence"]) if row else ("0", 0)

@@ -8,6 +8,7 @@ from datetime import datetime
 import asyncpg
 
 from twofactor_service.encryption import Sealed
+from twofactor_service.store.database import Connection
 from twofactor_service.totp import KeyParameters
 
 
@@ -43,7 +44,7 @@ _COLUMNS = (
 )
 
 
-async def active(conn: asyncpg.Connection, account_id: int) -> StoredKey | None:
+async def active(conn: Connection, account_id: int) -> StoredKey | None:
     row = await conn.fetchrow(
         f"SELECT {_COLUMNS} FROM secret_keys WHERE account_id = $1 AND state = 'ACTIVE'",
         account_id,
@@ -51,7 +52,7 @@ async def active(conn: asyncpg.Connection, account_id: int) -> StoredKey | None:
     return _stored(row) if row else None
 
 
-async def pending(conn: asyncpg.Connection, account_id: int) -> StoredKey | None:
+async def pending(conn: Connection, account_id: int) -> StoredKey | None:
     """The account's unexpired pending key."""
     row = await conn.fetchrow(
         f"SELECT {_COLUMNS} FROM secret_keys"
@@ -61,13 +62,13 @@ async def pending(conn: asyncpg.Connection, account_id: int) -> StoredKey | None
     return _stored(row) if row else None
 
 
-async def by_id(conn: asyncpg.Connection, key_id: int) -> StoredKey | None:
+async def by_id(conn: Connection, key_id: int) -> StoredKey | None:
     row = await conn.fetchrow(f"SELECT {_COLUMNS} FROM secret_keys WHERE id = $1", key_id)
     return _stored(row) if row else None
 
 
 async def put_pending(
-    conn: asyncpg.Connection,
+    conn: Connection,
     account_id: int,
     sealed: Sealed,
     parameters: KeyParameters,
@@ -97,7 +98,7 @@ async def put_pending(
     return row["id"], row["expires_at"]
 
 
-async def activate_pending(conn: asyncpg.Connection, key_id: int) -> bool:
+async def activate_pending(conn: Connection, key_id: int) -> bool:
     """Makes the pending key active, deleting the old active key; the step its confirming code
     used stays used. False when the pending key is gone or expired. Call inside a transaction."""
     account_id = await conn.fetchval(
@@ -118,49 +119,69 @@ async def activate_pending(conn: asyncpg.Connection, key_id: int) -> bool:
     return True
 
 
-async def delete_all(conn: asyncpg.Connection, account_id: int) -> int:
+async def delete_all(conn: Connection, account_id: int) -> int:
     """Deletes the account's active and pending key; returns how many there were."""
     result = await conn.execute("DELETE FROM secret_keys WHERE account_id = $1", account_id)
     return int(result.split()[-1])
 
 
-async def consume_step(conn: asyncpg.Connection, key_id: int, step: int) -> bool:
+# The replay rule's statement ($1: key id, $2: step); store.code_attempts runs it together
+# with the audit insert of a VerifyCode.
+CONSUME_STEP = """
+    UPDATE secret_keys k SET last_used_step = $2
+    WHERE k.id = $1 AND k.last_used_step < $2
+      AND NOT EXISTS (SELECT 1 FROM accounts a
+                      WHERE a.id = k.account_id AND a.locked_until > now())
+    RETURNING true
+"""
+
+
+async def consume_step(conn: Connection, key_id: int, step: int) -> bool:
     """Records `step` as used, atomically: True for exactly one caller per step, even when two
     replicas receive the same code at the same moment (the row lock serialises them and the
     second sees the first's step). False too while the account is locked out."""
-    consumed = await conn.fetchval(
-        """
-        UPDATE secret_keys k SET last_used_step = $2
-        WHERE k.id = $1 AND k.last_used_step < $2
-          AND NOT EXISTS (SELECT 1 FROM accounts a
-                          WHERE a.id = k.account_id AND a.locked_until > now())
-        RETURNING true
-        """,
-        key_id,
-        step,
-    )
+    consumed = await conn.fetchval(CONSUME_STEP, key_id, step)
     return bool(consumed)
 
 
 async def all_sealed(
-    conn: asyncpg.Connection, *, not_key_id: str, limit: int
+    conn: Connection, *, not_key_id: str, limit: int, after_id: int = 0
 ) -> list[StoredKey]:
-    """Keys not yet encrypted with `not_key_id` (for rotation), a batch at a time."""
+    """Keys not yet encrypted with `not_key_id` (for rotation), a batch at a time, by id after
+    `after_id` (so a pass moves on past rows it could not re-encrypt)."""
     rows = await conn.fetch(
-        f"SELECT {_COLUMNS} FROM secret_keys WHERE encryption_key_id <> $1 ORDER BY id LIMIT $2",
+        f"SELECT {_COLUMNS} FROM secret_keys WHERE encryption_key_id <> $1 AND id > $3"
+        " ORDER BY id LIMIT $2",
         not_key_id,
         limit,
+        after_id,
     )
     return [_stored(r) for r in rows]
 
 
-async def reseal(conn: asyncpg.Connection, key_id: int, old_key_id: str, sealed: Sealed) -> bool:
-    """Stores a re-encrypted secret unless the row changed meanwhile."""
+async def count_not_sealed_with(conn: Connection, key_id: str) -> int:
+    """How many keys are not (yet) encrypted with `key_id`."""
+    count: int = await conn.fetchval(
+        "SELECT count(*) FROM secret_keys WHERE encryption_key_id <> $1", key_id
+    )
+    return count
+
+
+async def reseal(conn: Connection, key_id: int, old: Sealed, sealed: Sealed) -> bool:
+    """Stores a re-encrypted secret unless the row changed meanwhile (its key id or nonce is no
+    longer the one that was read: another rotation got there first) or is busy right now.
+
+    A busy row is skipped rather than waited for: a rotation batch holding rows of its own while
+    waiting for one that a key change holds (which may wait for one of the batch's) would
+    deadlock; skipped, the row is taken up again by the next pass."""
     result = await conn.execute(
-        "UPDATE secret_keys SET encryption_key_id = $3, nonce = $4, ciphertext = $5"
-        " WHERE id = $1 AND encryption_key_id = $2",
+        "UPDATE secret_keys SET encryption_key_id = $4, nonce = $5, ciphertext = $6"
+        " WHERE id = (SELECT id FROM secret_keys"
+        "             WHERE id = $1 AND encryption_key_id = $2 AND nonce = $3"
+        "             FOR UPDATE SKIP LOCKED)",
         key_id,
-        old_key_id,
+        old.key_id,
+        old.nonce,
         sealed.key_id,
         sealed.nonce,
         sealed.ciphertext,
@@ -177,7 +198,7 @@ class VerificationTarget:
     key: StoredKey | None
 
 
-async def verification_target(conn: asyncpg.Connection, username_key: str) -> VerificationTarget | None:
+async def verification_target(conn: Connection, username_key: str) -> VerificationTarget | None:
     """The account, its lockout and its active key, in the one round trip the hot path needs."""
     row = await conn.fetchrow(
         """

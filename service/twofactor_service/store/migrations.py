@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 from importlib import resources
 
-import asyncpg
+from twofactor_service.store.database import Connection
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +24,7 @@ def available_migrations() -> list[tuple[int, str, str]]:
     return sorted(found)
 
 
-async def migrate(conn: asyncpg.Connection) -> list[str]:
+async def migrate(conn: Connection) -> list[str]:
     """Applies the migrations this database lacks; returns their names."""
     applied_now = []
     await conn.execute("SELECT pg_advisory_lock($1)", _ADVISORY_LOCK_KEY)

@@ -7,9 +7,8 @@ import secrets
 from dataclasses import dataclass
 from datetime import datetime
 
-import asyncpg
-
 from twofactor_service.rules import AccountKind
+from twofactor_service.store.database import Connection
 
 
 def new_token() -> tuple[str, bytes]:
@@ -23,7 +22,7 @@ def token_hash(token: str) -> bytes:
 
 
 async def open_session(
-    conn: asyncpg.Connection,
+    conn: Connection,
     account_id: int,
     *,
     signed_in_with_two_factor: bool,
@@ -53,7 +52,7 @@ class SessionActor:
     idle_seconds: float
 
 
-async def resolve(conn: asyncpg.Connection, hashed: bytes, idle_limit_seconds: int) -> SessionActor | None:
+async def resolve(conn: Connection, hashed: bytes, idle_limit_seconds: int) -> SessionActor | None:
     """The live session's account, rights and key state, in one round trip."""
     row = await conn.fetchrow(
         """
@@ -86,15 +85,15 @@ async def resolve(conn: asyncpg.Connection, hashed: bytes, idle_limit_seconds: i
     )
 
 
-async def touch(conn: asyncpg.Connection, hashed: bytes) -> None:
+async def touch(conn: Connection, hashed: bytes) -> None:
     await conn.execute("UPDATE sessions SET last_seen_at = now() WHERE token_hash = $1", hashed)
 
 
-async def end(conn: asyncpg.Connection, hashed: bytes) -> None:
+async def end(conn: Connection, hashed: bytes) -> None:
     await conn.execute("DELETE FROM sessions WHERE token_hash = $1", hashed)
 
 
-async def end_all(conn: asyncpg.Connection, account_id: int, *, except_hash: bytes | None = None) -> int:
+async def end_all(conn: Connection, account_id: int, *, except_hash: bytes | None = None) -> int:
     result = await conn.execute(
         "DELETE FROM sessions WHERE account_id = $1 AND token_hash IS DISTINCT FROM $2",
         account_id,
@@ -104,12 +103,10 @@ async def end_all(conn: asyncpg.Connection, account_id: int, *, except_hash: byt
 
 
 async def open_ticket(
-    conn: asyncpg.Connection, account_id: int, secret_key_id: int, ttl_seconds: int
+    conn: Connection, account_id: int, secret_key_id: int, ttl_seconds: int
 ) -> str:
     token, hashed = new_token()
-    await conn.execute(
-        "DELETE FROM enrollment_tickets WHERE account_id = $1", account_id
-    )
+    await conn.execute("DELETE FROM enrollment_tickets WHERE account_id = $1", account_id)
     await conn.execute(
         "INSERT INTO enrollment_tickets (ticket_hash, account_id, secret_key_id, expires_at)"
         " VALUES ($1, $2, $3, now() + make_interval(secs => $4))",
@@ -121,7 +118,7 @@ async def open_ticket(
     return token
 
 
-async def take_ticket(conn: asyncpg.Connection, ticket: str) -> tuple[int, int] | None:
+async def take_ticket(conn: Connection, ticket: str) -> tuple[int, int] | None:
     """The live ticket's (account id, pending key id), locked for this transaction."""
     row = await conn.fetchrow(
         "SELECT account_id, secret_key_id FROM enrollment_tickets"
@@ -131,5 +128,5 @@ async def take_ticket(conn: asyncpg.Connection, ticket: str) -> tuple[int, int] 
     return (row["account_id"], row["secret_key_id"]) if row else None
 
 
-async def end_ticket(conn: asyncpg.Connection, ticket: str) -> None:
+async def end_ticket(conn: Connection, ticket: str) -> None:
     await conn.execute("DELETE FROM enrollment_tickets WHERE ticket_hash = $1", token_hash(ticket))

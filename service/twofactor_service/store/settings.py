@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import asyncpg
+from twofactor_service.store.database import Connection
 
 
-async def issuer_name(conn: asyncpg.Connection, default: str) -> str:
+async def issuer_name(conn: Connection, default: str) -> str:
     value: str | None = await conn.fetchval("SELECT issuer_name FROM settings")
     return value if value is not None else default
 
 
-async def set_issuer_name(conn: asyncpg.Connection, issuer: str) -> None:
+async def set_issuer_name(conn: Connection, issuer: str) -> None:
     await conn.execute(
         "INSERT INTO settings (issuer_name) VALUES ($1)"
         " ON CONFLICT (singleton) DO UPDATE SET issuer_name = EXCLUDED.issuer_name",

@@ -15,7 +15,7 @@ import asyncio
 import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import Any, TypeAlias, cast
 
 import asyncpg
 import grpc
@@ -25,6 +25,7 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from twofactor_service import errors, rules
+from twofactor_service.encryption import DecryptionFailed
 from twofactor_service.runtime import Runtime
 from twofactor_service.sign_in import verify_step_up
 from twofactor_service.store import audit, sessions
@@ -38,23 +39,28 @@ from twofactor_service.transport.call_context import (
 log = logging.getLogger(__name__)
 
 ERROR_DOMAIN = "twofactor.v1"
-Inspect = Callable[[Message, grpc.aio.ServicerContext], Awaitable[None]]
+Context = grpc.aio.ServicerContext[Any, Any]
+# The type stubs describe a method handler's behaviours as the sync API's; under grpc.aio they
+# are coroutine functions (unary) and async generators (server streaming) taking a Context.
+Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
+UnaryBehaviour = Callable[[Message, Context], Awaitable[Any]]
+StreamBehaviour = Callable[[Message, Context], AsyncIterator[Any]]
+Inspect = Callable[[Message, Context], Awaitable[None]]
 
 
-def _metadata(context: grpc.aio.ServicerContext, key: str) -> str | None:
-    for item in context.invocation_metadata() or ():
-        if item.key == key:
-            value = item.value
+def _metadata(context: Context, key: str) -> str | None:
+    for item_key, value in context.invocation_metadata() or ():
+        if item_key == key:
             return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
     return None
 
 
-def _wrap(handler: grpc.RpcMethodHandler, before: Inspect) -> grpc.RpcMethodHandler:
+def _wrap(handler: Handler, before: Inspect) -> Handler:
     """A handler that runs `before(request, context)` first, then the original behaviour."""
     if handler.unary_unary is not None:
-        inner_unary = handler.unary_unary
+        inner_unary = cast(UnaryBehaviour, handler.unary_unary)
 
-        async def unary(request: Message, context: grpc.aio.ServicerContext) -> Any:
+        async def unary(request: Message, context: Context) -> Any:
             await before(request, context)
             return await inner_unary(request, context)
 
@@ -62,9 +68,9 @@ def _wrap(handler: grpc.RpcMethodHandler, before: Inspect) -> grpc.RpcMethodHand
             unary, handler.request_deserializer, handler.response_serializer
         )
     if handler.unary_stream is not None:
-        inner_stream = handler.unary_stream
+        inner_stream = cast(StreamBehaviour, handler.unary_stream)
 
-        async def stream(request: Message, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        async def stream(request: Message, context: Context) -> AsyncIterator[Any]:
             await before(request, context)
             async for item in inner_stream(request, context):
                 yield item
@@ -81,18 +87,28 @@ class _OwnMethods(grpc.aio.ServerInterceptor):
     def __init__(self, runtime: Runtime, policies: dict[str, rules.MethodPolicy]) -> None:
         self.runtime = runtime
         self.policies = policies
+        # method -> (the handler it wrapped, the wrapped handler). A wrapped handler keeps no
+        # per-call state (that travels in contextvars), so it is built once per method, not on
+        # every call: the hot path runs this for each of the four interceptors.
+        self._wrapped: dict[str, tuple[Handler, Handler]] = {}
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> Handler | None:
         handler = await continuation(handler_call_details)
-        if handler is None or handler_call_details.method not in self.policies:
+        method = handler_call_details.method
+        if handler is None or method not in self.policies:
             return handler
-        return self.wrap(handler, handler_call_details.method)
+        cached = self._wrapped.get(method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        wrapped = self.wrap(handler, method)
+        self._wrapped[method] = (handler, wrapped)
+        return wrapped
 
-    def wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+    def wrap(self, handler: Handler, method: str) -> Handler:
         raise NotImplementedError
 
 
@@ -114,6 +130,9 @@ def error_status(error: errors.TwoFactorError) -> status_pb2.Status:
 def _as_domain_error(exc: BaseException) -> errors.TwoFactorError | None:
     if isinstance(exc, errors.TwoFactorError):
         return exc
+    if isinstance(exc, DecryptionFailed):
+        # Logged as a refusal and audited like one: a sign of tampering worth seeing.
+        return errors.SecretUnreadable()
     # SQLSTATE classes, not messages (asyncpg's exception hierarchy follows them).
     if isinstance(exc, asyncpg.SerializationError | asyncpg.DeadlockDetectedError):
         return errors.Conflict()
@@ -123,6 +142,10 @@ def _as_domain_error(exc: BaseException) -> errors.TwoFactorError | None:
         | asyncpg.InterfaceError
         | asyncpg.CannotConnectNowError
         | asyncpg.AdminShutdownError
+        | asyncpg.CrashShutdownError
+        # A shutdown's FATAL message can reach an idle pooled connection before its socket
+        # closes; the next statement on it then fails with asyncpg's protocol-state error.
+        | asyncpg.InternalClientError
         | asyncpg.TooManyConnectionsError
         | ConnectionError
         | OSError
@@ -133,7 +156,7 @@ def _as_domain_error(exc: BaseException) -> errors.TwoFactorError | None:
 
 
 class ErrorInterceptor(_OwnMethods):
-    def wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+    def wrap(self, handler: Handler, method: str) -> Handler:
         policy = self.policies[method]
         operation = method.rsplit("/", 1)[-1]
         runtime = self.runtime
@@ -156,7 +179,7 @@ class ErrorInterceptor(_OwnMethods):
             except Exception:  # noqa: BLE001 - the database may be the failure being reported
                 log.warning("could not write audit event", extra={"operation": operation})
 
-        async def fail(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
+        async def fail(context: Context, exc: BaseException) -> None:
             if isinstance(exc, asyncio.CancelledError | grpc.aio.AbortError):
                 # Cancelled by the client, or an abort() that already chose the status.
                 raise exc
@@ -186,7 +209,7 @@ class ErrorInterceptor(_OwnMethods):
             )
             await context.abort_with_status(rpc_status.to_status(error_status(error)))
 
-        def begin(context: grpc.aio.ServicerContext) -> None:
+        def begin(context: Context) -> None:
             request_id = _metadata(context, "x-request-id") or uuid.uuid4().hex
             request_id = request_id[:64]
             context.set_trailing_metadata((("x-request-id", request_id),))
@@ -195,13 +218,13 @@ class ErrorInterceptor(_OwnMethods):
             current_target.set("")
 
         if handler.unary_unary is not None:
-            inner_unary = handler.unary_unary
+            inner_unary = cast(UnaryBehaviour, handler.unary_unary)
 
-            async def unary(request: Message, context: grpc.aio.ServicerContext) -> Any:
+            async def unary(request: Message, context: Context) -> Any:
                 begin(context)
                 try:
                     return await inner_unary(request, context)
-                except BaseException as exc:  # noqa: BLE001 - mapped or re-raised in fail()
+                except BaseException as exc:  # mapped or re-raised in fail()
                     await fail(context, exc)
                     raise
 
@@ -209,14 +232,14 @@ class ErrorInterceptor(_OwnMethods):
                 unary, handler.request_deserializer, handler.response_serializer
             )
 
-        inner_stream = handler.unary_stream
+        inner_stream = cast(StreamBehaviour, handler.unary_stream)
 
-        async def stream(request: Message, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        async def stream(request: Message, context: Context) -> AsyncIterator[Any]:
             begin(context)
             try:
                 async for item in inner_stream(request, context):
                     yield item
-            except BaseException as exc:  # noqa: BLE001 - mapped or re-raised in fail()
+            except BaseException as exc:  # mapped or re-raised in fail()
                 await fail(context, exc)
                 raise
 
@@ -226,12 +249,12 @@ class ErrorInterceptor(_OwnMethods):
 
 
 class AuthenticationInterceptor(_OwnMethods):
-    def wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+    def wrap(self, handler: Handler, method: str) -> Handler:
         policy = self.policies[method]
         runtime = self.runtime
         idle = runtime.config.session_idle_seconds
 
-        async def authenticate(request: Message, context: grpc.aio.ServicerContext) -> None:
+        async def authenticate(request: Message, context: Context) -> None:
             header = _metadata(context, "authorization")
             if header is None:
                 if policy.allow_anonymous:
@@ -276,10 +299,10 @@ def _target_of(request: Message, policy: rules.MethodPolicy) -> str:
 
 
 class AuthorizationInterceptor(_OwnMethods):
-    def wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+    def wrap(self, handler: Handler, method: str) -> Handler:
         policy = self.policies[method]
 
-        async def authorize(request: Message, context: grpc.aio.ServicerContext) -> None:
+        async def authorize(request: Message, context: Context) -> None:
             target = _target_of(request, policy)
             # Recorded as typed, so failed sign-ins show whom they aimed at; made printable
             # and bounded, so any input can be written to the audit log.
@@ -295,13 +318,13 @@ class AuthorizationInterceptor(_OwnMethods):
 
 
 class StepUpInterceptor(_OwnMethods):
-    def wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+    def wrap(self, handler: Handler, method: str) -> Handler:
         policy = self.policies[method]
         if not policy.protects_target:
             return handler
         runtime = self.runtime
 
-        async def step_up(request: Message, context: grpc.aio.ServicerContext) -> None:
+        async def step_up(request: Message, context: Context) -> None:
             actor = current_actor.get()
             assert actor is not None
             target = _target_of(request, policy) if policy.target_field else actor.username
@@ -318,11 +341,12 @@ class StepUpInterceptor(_OwnMethods):
         return _wrap(handler, step_up)
 
 
-def interceptors(runtime: Runtime, policies: dict[str, rules.MethodPolicy]) -> list[grpc.aio.ServerInterceptor]:
+def interceptors(
+    runtime: Runtime, policies: dict[str, rules.MethodPolicy]
+) -> list[grpc.aio.ServerInterceptor]:
     return [
         ErrorInterceptor(runtime, policies),
         AuthenticationInterceptor(runtime, policies),
         AuthorizationInterceptor(runtime, policies),
         StepUpInterceptor(runtime, policies),
     ]
-

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 
 from google.protobuf import timestamp_pb2
-from twofactor.v1 import enums_pb2, options_pb2, twofactor_service_pb2 as pb
+from twofactor.v1 import enums_pb2, options_pb2
+from twofactor.v1 import twofactor_service_pb2 as pb
 
 from twofactor_service.code_checks import PendingKeyView
+from twofactor_service.errors import InvalidArgument
 from twofactor_service.rules import AccountKind, TwoFactorState
 from twofactor_service.sign_in import OpenedSession, SignInResult
 from twofactor_service.store.accounts import AccountRecord
@@ -32,6 +34,23 @@ def account_kind(value: int) -> AccountKind | None:
     return None
 
 
+# The range google.protobuf.Timestamp allows: 0001-01-01T00:00:00Z to 9999-12-31T23:59:59Z.
+_MIN_TIMESTAMP_SECONDS = -62_135_596_800
+_MAX_TIMESTAMP_SECONDS = 253_402_300_799
+
+
+def request_time(value: timestamp_pb2.Timestamp, field: str) -> datetime:
+    """A request's Timestamp as a datetime; one outside the Timestamp range is bad input."""
+    if not (
+        _MIN_TIMESTAMP_SECONDS <= value.seconds <= _MAX_TIMESTAMP_SECONDS
+        and 0 <= value.nanos <= 999_999_999
+    ):
+        raise InvalidArgument(
+            field, "must be a valid timestamp from 0001-01-01 to 9999-12-31 (nanos 0 to 999999999)"
+        )
+    return value.ToDatetime(tzinfo=UTC)
+
+
 def timestamp(value: datetime | None) -> timestamp_pb2.Timestamp | None:
     if value is None:
         return None
@@ -54,7 +73,9 @@ def account_status(record: AccountRecord) -> pb.AccountStatus:
     )
     if record.key_created_at is not None:
         status.key_create_time.FromDatetime(record.key_created_at)
-    if record.locked_until is not None and record.locked_until > datetime.now(record.locked_until.tzinfo):
+    if record.locked_until is not None and record.locked_until > datetime.now(
+        record.locked_until.tzinfo
+    ):
         status.locked_until.FromDatetime(record.locked_until)
     return status
 

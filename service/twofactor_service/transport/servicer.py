@@ -4,17 +4,18 @@ operation, and turns its result into the response. Policy lives in the intercept
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from datetime import UTC
+from typing import Any
 
 import grpc
-from twofactor.v1 import enums_pb2, twofactor_service_pb2 as pb
+from twofactor.v1 import enums_pb2
+from twofactor.v1 import twofactor_service_pb2 as pb
 from twofactor.v1 import twofactor_service_pb2_grpc as pb_grpc
 
 from twofactor_service import administration, audit_log, secret_keys, sign_in, verification
 from twofactor_service.caller import Caller
 from twofactor_service.runtime import Runtime
 from twofactor_service.store.audit import AuditFilter
-from twofactor_service.transport import messages
+from twofactor_service.transport import messages, metrics
 from twofactor_service.transport.call_context import call_info, current_actor
 
 _VERIFY_RESULTS = {
@@ -23,7 +24,7 @@ _VERIFY_RESULTS = {
     verification.VerifyResult.FAILED_MAX_ATTEMPTS: enums_pb2.VERIFY_CODE_RESULT_FAILED_MAX_ATTEMPTS,
 }
 
-Context = grpc.aio.ServicerContext
+Context = grpc.aio.ServicerContext[Any, Any]
 
 
 def _caller() -> Caller:
@@ -166,6 +167,7 @@ class TwoFactorServicer(pb_grpc.TwoFactorServiceServicer):
         outcome = await verification.verify_code(
             self.runtime, _caller(), request.username, request.code
         )
+        metrics.count_verify_outcome(outcome.check)
         response = pb.VerifyCodeResponse(result=_VERIFY_RESULTS[outcome.result])
         if outcome.retry_after_seconds > 0:
             response.retry_delay.FromSeconds(max(1, round(outcome.retry_after_seconds)))
@@ -186,8 +188,12 @@ class TwoFactorServicer(pb_grpc.TwoFactorServiceServicer):
             target=request.target_username,
             actor=request.actor_username,
             operation=request.operation,
-            start=request.start_time.ToDatetime(tzinfo=UTC) if request.HasField("start_time") else None,
-            end=request.end_time.ToDatetime(tzinfo=UTC) if request.HasField("end_time") else None,
+            start=messages.request_time(request.start_time, "start_time")
+            if request.HasField("start_time")
+            else None,
+            end=messages.request_time(request.end_time, "end_time")
+            if request.HasField("end_time")
+            else None,
         )
         rows, token = await audit_log.list_events(
             self.runtime, where, request.page_size, request.page_token
@@ -271,4 +277,3 @@ class TwoFactorServicer(pb_grpc.TwoFactorServiceServicer):
             grant=False,
         )
         return pb.RevokeRightResponse(status=messages.account_status(record))
-

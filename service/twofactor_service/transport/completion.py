@@ -1,0 +1,87 @@
+"""How a call ended: its final status code and how long it took.
+
+The access log and the metrics wrap every method handler from outside the ErrorInterceptor, so
+the code they see is the one the client gets, including the aborts that turn domain errors into
+statuses (`context.code()` holds what `abort()` or `set_code()` chose).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any, cast
+
+import grpc
+from google.protobuf.message import Message
+
+from twofactor_service.transport.interceptors import (
+    Context,
+    Handler,
+    StreamBehaviour,
+    UnaryBehaviour,
+)
+
+# Called once per call, after it ended: (context, final status code, seconds it took).
+Report = Callable[[Context, grpc.StatusCode, float], None]
+
+
+def final_code(context: Context, exc: BaseException | None) -> grpc.StatusCode:
+    chosen: grpc.StatusCode | None = context.code()
+    if chosen is not None:
+        return chosen
+    if exc is None:
+        return grpc.StatusCode.OK
+    # A stream the client stopped reading is closed with GeneratorExit.
+    if isinstance(exc, asyncio.CancelledError | GeneratorExit):
+        remaining = context.time_remaining()
+        if remaining is not None and remaining <= 0:
+            return grpc.StatusCode.DEADLINE_EXCEEDED
+        return grpc.StatusCode.CANCELLED
+    # What gRPC answers for an exception no interceptor mapped.
+    return grpc.StatusCode.UNKNOWN
+
+
+def call_type(handler: Handler) -> str:
+    return "unary" if handler.unary_unary is not None else "server_stream"
+
+
+def observed(handler: Handler, report: Report) -> Handler:
+    """The handler, reporting its outcome when the call ends, however it ends."""
+    if handler.unary_unary is not None:
+        inner_unary = cast(UnaryBehaviour, handler.unary_unary)
+
+        async def unary(request: Message, context: Context) -> Any:
+            started = time.perf_counter()
+            failure: BaseException | None = None
+            try:
+                return await inner_unary(request, context)
+            except BaseException as exc:
+                failure = exc
+                raise
+            finally:
+                report(context, final_code(context, failure), time.perf_counter() - started)
+
+        return grpc.unary_unary_rpc_method_handler(
+            unary, handler.request_deserializer, handler.response_serializer
+        )
+    if handler.unary_stream is not None:
+        inner_stream = cast(StreamBehaviour, handler.unary_stream)
+
+        async def stream(request: Message, context: Context) -> AsyncIterator[Any]:
+            started = time.perf_counter()
+            failure: BaseException | None = None
+            try:
+                async for item in inner_stream(request, context):
+                    yield item
+            except BaseException as exc:
+                failure = exc
+                raise
+            finally:
+                report(context, final_code(context, failure), time.perf_counter() - started)
+
+        return grpc.unary_stream_rpc_method_handler(
+            stream, handler.request_deserializer, handler.response_serializer
+        )
+    # Health, reflection and TwoFactorService have no client-streaming methods.
+    return handler

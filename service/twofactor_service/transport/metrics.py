@@ -1,0 +1,212 @@
+"""Prometheus metrics, served over HTTP on TWOFACTOR_METRICS_ADDRESS (off when unset).
+
+- `grpc_server_handled_total` and `grpc_server_handling_seconds`, by service, method, call type
+  and final status code (the go-grpc-prometheus names, so stock gRPC dashboards work). The
+  interceptor is the outermost one, so it counts the status the client gets, including the
+  aborts of the ErrorInterceptor.
+- `twofactor_verify_code_outcomes_total` by outcome: valid, invalid, replayed, locked (O7).
+- `twofactor_active_lockouts`, `twofactor_database_up` and the connection pool gauges, read at
+  scrape time: the pool's counters from memory, the lockouts with one count query.
+
+`serve --workers N` runs N processes, each with its own counters and pool. Each serves its own
+endpoint: worker i (counting from 0) listens on the base port + i, and Prometheus scrapes every
+one of them (sum over `instance` for the service's totals). Prometheus' multiprocess mode was
+not used: it needs a shared directory wiped at every start, and per-process gauges such as the
+pool's cannot be combined truthfully there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from wsgiref.simple_server import WSGIServer
+
+import asyncpg
+import grpc
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    start_http_server,
+)
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from twofactor_service.code_checks import CodeCheck
+from twofactor_service.config import ConfigError
+from twofactor_service.store import accounts
+from twofactor_service.transport.completion import call_type, observed
+from twofactor_service.transport.interceptors import Context, Handler
+
+log = logging.getLogger(__name__)
+
+# Sign-ins spend argon2 time (a few hundred ms); VerifyCode takes a few ms.
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+# A scrape waits this long for the lockout count before reporting the database as down.
+QUERY_TIMEOUT_SECONDS = 2.0
+
+_RPC_LABELS = ("grpc_service", "grpc_method", "grpc_type", "grpc_code")
+
+# Module-level, as prometheus_client intends: one set of counters per process. They are not in
+# the default registry; each endpoint's registry holds them (tests run several servers).
+RPC_HANDLED = Counter(
+    "grpc_server_handled",
+    "RPCs completed on the server, by final status code.",
+    _RPC_LABELS,
+    registry=None,
+)
+RPC_DURATION = Histogram(
+    "grpc_server_handling_seconds",
+    "Time from the start of an RPC to its end, by final status code.",
+    _RPC_LABELS,
+    buckets=LATENCY_BUCKETS,
+    registry=None,
+)
+VERIFY_OUTCOMES = Counter(
+    "twofactor_verify_code_outcomes",
+    "VerifyCode answers: valid; invalid (wrong code, or no active key); replayed (the code's "
+    "time step was used before); locked (not checked: too many failed attempts).",
+    ("outcome",),
+    registry=None,
+)
+LOCKED = "locked"
+for _outcome in (*(check.value for check in CodeCheck), LOCKED):
+    VERIFY_OUTCOMES.labels(_outcome)  # present at 0 from the start, so rate() sees the first
+
+
+def count_verify_outcome(check: CodeCheck | None) -> None:
+    """`check` is None when the account was locked and the code not looked at."""
+    VERIFY_OUTCOMES.labels(LOCKED if check is None else check.value).inc()
+
+
+class MetricsInterceptor(grpc.aio.ServerInterceptor):
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> Handler | None:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None  # an unknown method: not counted, so clients cannot add label values
+        service, _, method = handler_call_details.method.lstrip("/").rpartition("/")
+        kind = call_type(handler)
+
+        def report(context: Context, code: grpc.StatusCode, seconds: float) -> None:
+            labels = (service, method, kind, code.name)
+            RPC_HANDLED.labels(*labels).inc()
+            RPC_DURATION.labels(*labels).observe(seconds)
+
+        return observed(handler, report)
+
+
+class DatabaseCollector(Collector):
+    """The pool's gauges and the active lockouts, read when Prometheus scrapes.
+
+    Scrapes are served on the HTTP server's thread; the count query runs on the server's event
+    loop, where the pool lives."""
+
+    def __init__(self, pool: asyncpg.Pool, loop: asyncio.AbstractEventLoop) -> None:
+        self.pool = pool
+        self.loop = loop
+
+    async def _count_lockouts(self) -> int:
+        async with asyncio.timeout(QUERY_TIMEOUT_SECONDS), self.pool.acquire() as conn:
+            return await accounts.count_locked_out(conn)
+
+    def _active_lockouts(self) -> int | None:
+        try:
+            future = asyncio.run_coroutine_threadsafe(self._count_lockouts(), self.loop)
+        except RuntimeError:  # the loop is closed: the server is stopping
+            return None
+        try:
+            return future.result(timeout=QUERY_TIMEOUT_SECONDS + 1)
+        except Exception:  # noqa: BLE001 - any failure means "database not reachable now"
+            future.cancel()
+            return None
+
+    def collect(self) -> Iterable[Metric]:
+        yield GaugeMetricFamily(
+            "twofactor_database_pool_connections",
+            "PostgreSQL connections the pool holds open, busy or idle.",
+            value=self.pool.get_size(),
+        )
+        yield GaugeMetricFamily(
+            "twofactor_database_pool_idle_connections",
+            "Open PostgreSQL connections not in use by a call.",
+            value=self.pool.get_idle_size(),
+        )
+        yield GaugeMetricFamily(
+            "twofactor_database_pool_max_connections",
+            "The pool's limit (TWOFACTOR_DATABASE_POOL_SIZE).",
+            value=self.pool.get_max_size(),
+        )
+        locked = self._active_lockouts()
+        yield GaugeMetricFamily(
+            "twofactor_database_up",
+            "1 when this scrape's query reached PostgreSQL, else 0.",
+            value=0 if locked is None else 1,
+        )
+        if locked is not None:
+            yield GaugeMetricFamily(
+                "twofactor_active_lockouts",
+                "Accounts whose code checks are locked now after consecutive failures.",
+                value=locked,
+            )
+
+
+def split_address(address: str, variable: str = "TWOFACTOR_METRICS_ADDRESS") -> tuple[str, int]:
+    """'host:port' ('[::1]:9464' for IPv6; an empty host means every interface)."""
+    host, sep, port_text = address.rpartition(":")
+    if not sep or not port_text.isdigit() or int(port_text) > 65535:
+        raise ConfigError(f"{variable} must be host:port, got {address!r}")
+    host = host.removeprefix("[").removesuffix("]") or "0.0.0.0"  # noqa: S104 - as configured
+    return host, int(port_text)
+
+
+def worker_address(address: str, index: int) -> str:
+    """The metrics address of worker `index` (from 0) of `serve --workers N`: base port +
+    index; port 0 stays 0 (each worker picks a free port)."""
+    host, port = split_address(address)
+    shown = f"[{host}]" if ":" in host else host
+    return f"{shown}:{port + index if port else 0}"
+
+
+@dataclass
+class MetricsEndpoint:
+    http: WSGIServer
+    thread: threading.Thread
+
+    @property
+    def port(self) -> int:
+        return self.http.server_port
+
+    def stop(self) -> None:
+        """Blocks until the HTTP thread ends (up to its half-second poll): run it off the loop."""
+        self.http.shutdown()
+        self.http.server_close()
+        self.thread.join()
+
+
+def serve_metrics(address: str, pool: asyncpg.Pool) -> MetricsEndpoint:
+    """Starts the HTTP endpoint (any path answers, /metrics by convention) on its own thread.
+    Call from the event loop that owns `pool`."""
+    host, port = split_address(address)
+    registry = CollectorRegistry()
+    for collector in (RPC_HANDLED, RPC_DURATION, VERIFY_OUTCOMES):
+        registry.register(collector)
+    registry.register(DatabaseCollector(pool, asyncio.get_running_loop()))
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    try:
+        http, thread = start_http_server(port, addr=host, registry=registry)
+    except OSError as exc:
+        raise ConfigError(
+            f"TWOFACTOR_METRICS_ADDRESS: cannot listen on {address}: {exc.strerror}"
+        ) from None
+    log.info("serving metrics", extra={"address": address, "port": http.server_port})
+    return MetricsEndpoint(http, thread)

@@ -1,0 +1,189 @@
+"""Structured logs: every call leaves one access log line with its method, status, duration,
+request id and peer, and no log line at any level ever holds a password, code, secret, session
+token or enrollment ticket."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import uuid
+from collections.abc import Iterator
+
+import grpc
+import pytest
+from twofactor.v1 import enums_pb2
+from twofactor.v1 import twofactor_service_pb2 as pb
+from twofactor.v1 import twofactor_service_pb2_grpc as pb_grpc
+
+from tests.support import VERIFY_RIGHT, Actors, error_reason
+from twofactor_service import rules
+from twofactor_service.logs import JsonFormatter
+
+
+class Lines(logging.Handler):
+    """Every record, formatted exactly as `twofactor serve` writes it."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.setFormatter(JsonFormatter())
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(self.format(record))
+
+
+@pytest.fixture
+def log_lines() -> Iterator[list[str]]:
+    root = logging.getLogger()
+    handler = Lines()
+    level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG)
+    try:
+        yield handler.lines
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
+
+
+class Scenario:
+    """Remembers every secret value the scenario sends or receives."""
+
+    def __init__(self) -> None:
+        self.texts: set[str] = set()  # passwords, base32 secrets, URIs, tokens, tickets
+        self.codes: set[str] = set()  # one-time codes: short digit strings
+
+    def text(self, value: str) -> str:
+        assert value
+        self.texts.add(value)
+        return value
+
+    def code(self, value: str) -> str:
+        self.codes.add(value)
+        return value
+
+
+def access_lines(lines: list[str], method: str) -> list[dict[str, object]]:
+    entries = [json.loads(line) for line in lines]
+    return [
+        e
+        for e in entries
+        if e["logger"] == "twofactor_service.access"
+        and e["method"] == f"/twofactor.v1.TwoFactorService/{method}"
+    ]
+
+
+async def test_no_log_line_holds_a_secret_and_each_call_is_logged_with_its_request_id(
+    actors: Actors, stub: pb_grpc.TwoFactorServiceAsyncStub, log_lines: list[str]
+) -> None:
+    seen = Scenario()
+    admin = await actors.create("admin", rights=(rules.ADMIN_RIGHT,))
+    alice = await actors.create("alice")
+    carol = await actors.create("carol", protected=True)
+    verifier = await actors.create("service", excluded=True, rights=(VERIFY_RIGHT,))
+    for person in (admin, alice, carol, verifier):
+        seen.text(person.password)
+
+    # Enrollment at first sign-in.
+    for person in (admin, alice, carol):
+        started = await stub.SignIn(
+            pb.SignInRequest(username=person.username, password=person.password)
+        )
+        key = started.enrollment.pending_key
+        person.secret = seen.text(key.secret_base32)
+        seen.text(key.provisioning_uri)
+        done = await stub.CompleteEnrollment(
+            pb.CompleteEnrollmentRequest(
+                enrollment_ticket=seen.text(started.enrollment.enrollment_ticket),
+                code=seen.code(person.next_code()),
+            )
+        )
+        person.token = seen.text(done.session.token)
+
+    # Sign-in with password and code; the service account with its password alone.
+    signed_in = await stub.SignIn(
+        pb.SignInRequest(
+            username=alice.username, password=alice.password, code=seen.code(alice.next_code())
+        )
+    )
+    alice.token = seen.text(signed_in.session.token)
+    service_session = await stub.SignIn(
+        pb.SignInRequest(username=verifier.username, password=verifier.password)
+    )
+    verifier.token = seen.text(service_session.session.token)
+
+    # Regenerating one's own key.
+    begun = await stub.BeginRegenerateSecret(
+        pb.BeginRegenerateSecretRequest(), metadata=alice.metadata()
+    )
+    alice.secret = seen.text(begun.pending_key.secret_base32)
+    seen.text(begun.pending_key.provisioning_uri)
+    await stub.ConfirmRegenerateSecret(
+        pb.ConfirmRegenerateSecretRequest(code=seen.code(alice.next_code())),
+        metadata=alice.metadata(),
+    )
+
+    # VerifyCode, valid then replayed, with the caller's request id.
+    request_id = f"req-{uuid.uuid4().hex}"
+    code = seen.code(alice.next_code())
+    for _ in range(2):
+        await stub.VerifyCode(
+            pb.VerifyCodeRequest(username=alice.username, code=code),
+            metadata=(*verifier.metadata(), ("x-request-id", request_id)),
+        )
+
+    # A wrong password, with a request id of its own.
+    wrong_id = f"req-{uuid.uuid4().hex}"
+    wrong_password = seen.text("not alice's password at all")
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await stub.SignIn(
+            pb.SignInRequest(
+                username=alice.username, password=wrong_password, code=seen.code(alice.next_code())
+            ),
+            metadata=(("x-request-id", wrong_id),),
+        )
+    assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+    # Resetting a protected account's key: without step-up, with a wrong code, then properly.
+    reset = pb.ResetSecretRequest(username=carol.username)
+    with pytest.raises(grpc.aio.AioRpcError) as missing:
+        await stub.ResetSecret(reset, metadata=admin.metadata())
+    assert error_reason(missing.value) == "STEP_UP_REQUIRED"
+    with pytest.raises(grpc.aio.AioRpcError) as failed:
+        await stub.ResetSecret(
+            reset,
+            metadata=admin.metadata(x_step_up_password=admin.password, x_step_up_code="000000"),
+        )
+    assert error_reason(failed.value) == "STEP_UP_FAILED"
+    done_reset = await stub.ResetSecret(reset, metadata=admin.step_up(seen.code(admin.next_code())))
+    assert done_reset.status.state == enums_pb2.TWO_FACTOR_STATE_ALLOWLISTED
+
+    # Nothing secret in any line, at any level.
+    assert log_lines
+    for line in log_lines:
+        for text in seen.texts:
+            assert text not in line, f"a secret value is logged: {line}"
+        for one_time in seen.codes:
+            # As a token of its own (a request id's hex may hold six digits by chance).
+            assert not re.search(rf"(?<![0-9A-Za-z]){one_time}(?![0-9A-Za-z])", line), line
+
+    # The access log: one line per call, with the request id the caller sent.
+    calls = 3 + 3 + 2 + 2 + 2 + 1 + 3  # enrollments, sign-ins, regenerate, verify, wrong, reset
+    entries = [json.loads(line) for line in log_lines]
+    assert len([e for e in entries if e["logger"] == "twofactor_service.access"]) == calls
+    verify_lines = [
+        e for e in access_lines(log_lines, "VerifyCode") if e["request_id"] == request_id
+    ]
+    assert len(verify_lines) == 2
+    for entry in verify_lines:
+        assert entry["code"] == "OK"
+        assert entry["level"] == "INFO"
+        assert isinstance(entry["duration_ms"], float | int)
+        assert str(entry["peer"]).startswith(("ipv4:", "ipv6:"))
+    [wrong_line] = [e for e in access_lines(log_lines, "SignIn") if e["request_id"] == wrong_id]
+    assert wrong_line["code"] == "UNAUTHENTICATED"
+    reset_codes = [e["code"] for e in access_lines(log_lines, "ResetSecret")]
+    assert reset_codes == [missing.value.code().name, failed.value.code().name, "OK"]
+    # Calls without x-request-id get one generated, which the access log shows.
+    assert all(e["request_id"] for e in access_lines(log_lines, "CompleteEnrollment"))

@@ -1,0 +1,274 @@
+"""SPEC §3/§4: all state lives in PostgreSQL, so replicas behind one load balancer behave as one
+service. Two `twofactor serve` processes on the test database: a code sent to both at the same
+moment is accepted once, and failures counted on either replica add up to one lockout.
+
+The replicas run on the real clock, so codes here come from real time (pyotp), not TestClock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pyotp
+import pytest
+from grpc_health.v1 import health_pb2
+from twofactor.v1 import enums_pb2
+from twofactor.v1 import twofactor_service_pb2 as pb
+from twofactor.v1 import twofactor_service_pb2_grpc as pb_grpc
+
+from tests.support import (
+    PERIOD,
+    TEST_ENCRYPTION_KEYS,
+    VOUCH_RIGHT,
+    Actors,
+    Person,
+    health_status,
+    wait_until,
+)
+from twofactor_service.rules import AccountKind
+
+ACCOUNTS = 20
+ATTEMPTS_PER_ACCOUNT = 10
+FREE_FAILURES = 5  # the configured lockout policy's default (config.LockoutPolicy)
+START_WITHIN_SECONDS = 30.0
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+@dataclass
+class Replica:
+    process: subprocess.Popen[bytes]
+    address: str
+    log: Path
+    channel: grpc.aio.Channel
+    stub: pb_grpc.TwoFactorServiceAsyncStub
+
+
+def _start_replica(database_url: str, log: Path) -> Replica:
+    """`twofactor serve` in a process of its own, configured as an operator would."""
+    address = f"127.0.0.1:{_free_port()}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TWOFACTOR_")}
+    env |= {
+        "TWOFACTOR_DATABASE_URL": database_url,
+        "TWOFACTOR_ENCRYPTION_KEYS": TEST_ENCRYPTION_KEYS,
+        "TWOFACTOR_LISTEN_ADDRESS": address,
+        "TWOFACTOR_LOG_LEVEL": "WARNING",
+    }
+    with log.open("wb") as sink:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "twofactor_service.cli", "serve"],
+            env=env,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+        )
+    channel = grpc.aio.insecure_channel(address)
+    return Replica(process, address, log, channel, pb_grpc.TwoFactorServiceStub(channel))
+
+
+async def _wait_serving(replica: Replica) -> None:
+    async def serving() -> bool:
+        if replica.process.poll() is not None:
+            raise AssertionError(f"replica exited: {replica.log.read_text()}")
+        return await health_status(replica.channel) == health_pb2.HealthCheckResponse.SERVING
+
+    await wait_until(serving, within=START_WITHIN_SECONDS, what=f"{replica.address} SERVING")
+
+
+async def _stop_replica(replica: Replica) -> int:
+    """SIGTERM, as an orchestrator stops a replica; returns its exit status."""
+    await replica.channel.close()
+    if replica.process.poll() is None:
+        replica.process.send_signal(signal.SIGTERM)
+    try:
+        return await asyncio.to_thread(replica.process.wait, 20)
+    except subprocess.TimeoutExpired:
+        replica.process.kill()
+        await asyncio.to_thread(replica.process.wait)
+        raise
+
+
+@pytest.fixture(scope="module")
+async def replicas(
+    database_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[tuple[Replica, Replica]]:
+    logs = tmp_path_factory.mktemp("replicas")
+    pair = (
+        _start_replica(database_url, logs / "a.log"),
+        _start_replica(database_url, logs / "b.log"),
+    )
+    try:
+        await asyncio.gather(*(_wait_serving(r) for r in pair))
+        yield pair
+    finally:
+        exits = await asyncio.gather(*(_stop_replica(r) for r in pair))
+    # Graceful shutdown on SIGTERM ends with status 0.
+    assert exits == [0, 0], [r.log.read_text() for r in pair]
+
+
+def _code_at(secret: str, seconds_ahead: float = 0.0) -> str:
+    return pyotp.TOTP(secret).at(time.time() + seconds_ahead)
+
+
+def _wrong_code(secret: str) -> str:
+    """A well-formed code valid at no step near now (drift window and a step change included)."""
+    near = {_code_at(secret, k * PERIOD) for k in range(-2, 4)}
+    return next(c for c in (f"{n:06d}" for n in range(1000, 1_000_000, 7919)) if c not in near)
+
+
+async def _enroll_across(
+    person: Person, first: Replica, second: Replica, voucher: Person
+) -> Person:
+    """A DOMAIN account's first sign-in (vouched for by a service account after the directory
+    checked the password) on one replica, its key set up on the other: the enrollment ticket
+    lives in PostgreSQL. Domain accounts keep argon2 out of the way of a test about codes."""
+    started = await first.stub.SignInDomainAccount(
+        pb.SignInDomainAccountRequest(username=person.username), metadata=voucher.metadata()
+    )
+    assert started.outcome == enums_pb2.SIGN_IN_OUTCOME_ENROLLMENT_REQUIRED
+    person.secret = started.enrollment.pending_key.secret_base32
+    done = await second.stub.CompleteEnrollment(
+        pb.CompleteEnrollmentRequest(
+            enrollment_ticket=started.enrollment.enrollment_ticket, code=_code_at(person.secret)
+        )
+    )
+    person.token = done.session.token
+    return person
+
+
+async def _domain_accounts(actors: Actors, count: int) -> list[Person]:
+    return list(
+        await asyncio.gather(
+            *(actors.create("user", kind=AccountKind.DOMAIN) for _ in range(count))
+        )
+    )
+
+
+async def _verify(
+    replica: Replica, verifier: Person, username: str, code: str
+) -> pb.VerifyCodeResponse:
+    return await replica.stub.VerifyCode(
+        pb.VerifyCodeRequest(username=username, code=code), metadata=verifier.metadata(), timeout=10
+    )
+
+
+async def test_the_same_code_at_both_replicas_is_accepted_once(
+    replicas: tuple[Replica, Replica], actors: Actors
+) -> None:
+    a, b = replicas
+    verifier = await actors.service()
+    voucher = await actors.service(VOUCH_RIGHT)
+    admin = await actors.admin()
+    created = await _domain_accounts(actors, ACCOUNTS)
+    people = await asyncio.gather(*(_enroll_across(p, a, b, voucher) for p in created))
+
+    # Each account's next code (one step ahead of the step its enrollment used), sent
+    # ATTEMPTS_PER_ACCOUNT times at once, alternately to each replica.
+    attempts = []
+    for person in people:
+        assert person.secret is not None
+        code = _code_at(person.secret, PERIOD)
+        for n in range(ATTEMPTS_PER_ACCOUNT):
+            attempts.append(
+                (person.username, _verify(replicas[n % 2], verifier, person.username, code))
+            )
+    results = await asyncio.gather(*(call for _, call in attempts))
+
+    for person in people:
+        mine = [
+            r.result
+            for (name, _), r in zip(attempts, results, strict=True)
+            if name == person.username
+        ]
+        assert mine.count(enums_pb2.VERIFY_CODE_RESULT_OK) == 1, (person.username, mine)
+        assert set(mine) <= {
+            enums_pb2.VERIFY_CODE_RESULT_OK,
+            enums_pb2.VERIFY_CODE_RESULT_FAILED,
+            enums_pb2.VERIFY_CODE_RESULT_FAILED_MAX_ATTEMPTS,
+        }
+        # The audit log, read through a third server, agrees: one acceptance.
+        events = await actors.stub.ListAuditEvents(
+            pb.ListAuditEventsRequest(target_username=person.username, operation="VerifyCode"),
+            metadata=admin.metadata(),
+        )
+        outcomes = [e.outcome for e in events.events]
+        assert outcomes.count(enums_pb2.AUDIT_OUTCOME_SUCCESS) == 1
+        assert len(outcomes) == ATTEMPTS_PER_ACCOUNT
+
+
+async def test_the_same_code_signs_in_once_across_replicas(
+    replicas: tuple[Replica, Replica], actors: Actors
+) -> None:
+    a, b = replicas
+    voucher = await actors.service(VOUCH_RIGHT)
+    created = await _domain_accounts(actors, 5)
+    people = await asyncio.gather(*(_enroll_across(p, b, a, voucher) for p in created))
+
+    attempts = []
+    for person in people:
+        assert person.secret is not None
+        request = pb.SignInDomainAccountRequest(
+            username=person.username, code=_code_at(person.secret, PERIOD)
+        )
+        for n in range(6):
+            call = replicas[n % 2].stub.SignInDomainAccount(
+                request, metadata=voucher.metadata(), timeout=10
+            )
+            attempts.append((person.username, call))
+    results = await asyncio.gather(*(call for _, call in attempts), return_exceptions=True)
+
+    for person in people:
+        mine = [
+            r for (name, _), r in zip(attempts, results, strict=True) if name == person.username
+        ]
+        opened = [r for r in mine if isinstance(r, pb.SignInDomainAccountResponse)]
+        refused = [r for r in mine if isinstance(r, grpc.aio.AioRpcError)]
+        assert len(opened) == 1, mine
+        assert opened[0].outcome == enums_pb2.SIGN_IN_OUTCOME_SESSION_OPENED
+        assert {r.code() for r in refused} == {grpc.StatusCode.UNAUTHENTICATED}
+        assert len(opened) + len(refused) == len(mine)
+
+
+async def test_failures_on_either_replica_add_up_to_one_lockout(
+    replicas: tuple[Replica, Replica], actors: Actors
+) -> None:
+    verifier = await actors.service()
+    voucher = await actors.service(VOUCH_RIGHT)
+    admin = await actors.admin()
+    (person,) = await _domain_accounts(actors, 1)
+    await _enroll_across(person, *replicas, voucher)
+    assert person.secret is not None
+
+    for n in range(FREE_FAILURES):
+        response = await _verify(
+            replicas[n % 2], verifier, person.username, _wrong_code(person.secret)
+        )
+        assert response.result == enums_pb2.VERIFY_CODE_RESULT_FAILED, n
+
+    # The next attempt, on the other replica and with the right code, meets the lockout.
+    right = _code_at(person.secret, PERIOD)
+    locked = await _verify(replicas[FREE_FAILURES % 2], verifier, person.username, right)
+    assert locked.result == enums_pb2.VERIFY_CODE_RESULT_FAILED_MAX_ATTEMPTS
+    assert locked.retry_delay.seconds > 0
+    again = await _verify(replicas[(FREE_FAILURES + 1) % 2], verifier, person.username, right)
+    assert again.result == enums_pb2.VERIFY_CODE_RESULT_FAILED_MAX_ATTEMPTS
+
+    status = await actors.stub.GetAccountStatus(
+        pb.GetAccountStatusRequest(username=person.username), metadata=admin.metadata()
+    )
+    assert status.status.consecutive_failures == FREE_FAILURES
+    assert status.status.HasField("locked_until")
