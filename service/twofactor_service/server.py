@@ -103,7 +103,9 @@ async def _watch_database(pool: asyncpg.Pool, servicer: health.aio.HealthService
             )
             for name in ("", SERVICE.full_name):
                 await servicer.set(name, status)
-            (log.info if ok else log.warning)("database reachable" if ok else "database unreachable")
+            (log.info if ok else log.warning)(
+                "database reachable" if ok else "database unreachable"
+            )
         await asyncio.sleep(HEALTH_INTERVAL_SECONDS)
 
 

@@ -179,7 +179,8 @@ async def list_members(
     """Accounts on one list ("allowlisted" or "excluded"), by username key, after a page token."""
     assert column in ("allowlisted", "excluded")
     rows = await conn.fetch(
-        _SELECT_ACCOUNT + f"WHERE a.{column} AND a.username_key > $1 ORDER BY a.username_key LIMIT $2",
+        _SELECT_ACCOUNT
+        + f"WHERE a.{column} AND a.username_key > $1 ORDER BY a.username_key LIMIT $2",
         after,
         limit,
     )
@@ -223,11 +224,14 @@ async def clear_failures(conn: Connection, account_id: int) -> None:
 
 async def lock_remaining_seconds(conn: Connection, account_id: int) -> float:
     """Seconds left of the account's lockout, 0 when attempts are open."""
-    remaining: float = await conn.fetchval(
-        "SELECT greatest(0, extract(epoch FROM locked_until - now()))::float8"
-        " FROM accounts WHERE id = $1",
-        account_id,
-    ) or 0.0
+    remaining: float = (
+        await conn.fetchval(
+            "SELECT greatest(0, extract(epoch FROM locked_until - now()))::float8"
+            " FROM accounts WHERE id = $1",
+            account_id,
+        )
+        or 0.0
+    )
     return remaining
 
 
