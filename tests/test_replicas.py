@@ -8,6 +8,7 @@ The replicas run on the real clock, so codes here come from real time (pyotp), n
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import signal
 import socket
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+import psutil
 import pyotp
 import pytest
 from grpc_health.v1 import health_pb2
@@ -59,7 +61,7 @@ class Replica:
     stub: pb_grpc.TwoFactorServiceAsyncStub
 
 
-def _start_replica(database_url: str, log: Path) -> Replica:
+def _start_replica(database_url: str, log: Path, *serve_args: str) -> Replica:
     """`twofactor serve` in a process of its own, configured as an operator would."""
     address = f"127.0.0.1:{_free_port()}"
     env = {k: v for k, v in os.environ.items() if not k.startswith("TWOFACTOR_")}
@@ -70,8 +72,8 @@ def _start_replica(database_url: str, log: Path) -> Replica:
         "TWOFACTOR_LOG_LEVEL": "WARNING",
     }
     with log.open("wb") as sink:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "twofactor_service.cli", "serve"],
+        process = subprocess.Popen(  # noqa: S603 - our own command; the test chooses the args
+            [sys.executable, "-m", "twofactor_service.cli", "serve", *serve_args],
             env=env,
             stdout=sink,
             stderr=subprocess.STDOUT,
@@ -272,3 +274,52 @@ async def test_failures_on_either_replica_add_up_to_one_lockout(
     )
     assert status.status.consecutive_failures == FREE_FAILURES
     assert status.status.HasField("locked_until")
+
+
+async def test_workers_share_one_port_and_the_supervisor_stops_with_them(
+    database_url: str, actors: Actors, tmp_path: Path
+) -> None:
+    """`serve --workers 2`: two processes answer on one port (SO_REUSEPORT), SIGTERM stops
+    all with status 0; a worker that dies takes the supervisor down with status 1, so an
+    orchestrator restarts the whole replica instead of running on at half strength."""
+    person = await actors.enroll(await actors.create("workers"))
+    assert person.secret is not None
+    for ending in ("sigterm", "worker-dies"):
+        server = _start_replica(database_url, tmp_path / f"{ending}.log", "--workers", "2")
+        try:
+            await _wait_serving(server)
+            supervisor = psutil.Process(server.process.pid)
+            await wait_until(
+                functools.partial(_worker_count, supervisor, 2),
+                within=START_WITHIN_SECONDS,
+                what="2 worker processes",
+            )
+            # New connections land on either worker; every one of them answers.
+            for _ in range(8):
+                async with grpc.aio.insecure_channel(server.address) as channel:
+                    assert await health_status(channel) == health_pb2.HealthCheckResponse.SERVING
+            if ending == "worker-dies":
+                _workers(supervisor)[0].kill()
+                status = await asyncio.to_thread(server.process.wait, 20)
+                await server.channel.close()
+                assert status == 1, server.log.read_text()
+            else:
+                assert await _stop_replica(server) == 0, server.log.read_text()
+            assert not supervisor.is_running() or supervisor.status() == psutil.STATUS_ZOMBIE
+        finally:
+            if server.process.poll() is None:
+                server.process.kill()
+                server.process.wait()
+
+
+def _workers(supervisor: psutil.Process) -> list[psutil.Process]:
+    """The supervisor's worker processes (multiprocessing's resource tracker is not one)."""
+    return [
+        child
+        for child in supervisor.children()
+        if "resource_tracker" not in " ".join(child.cmdline())
+    ]
+
+
+async def _worker_count(supervisor: psutil.Process, expected: int) -> bool:
+    return len(_workers(supervisor)) == expected
