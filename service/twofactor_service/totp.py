@@ -95,7 +95,8 @@ def matching_step(
     current = time_step(now, key.period_seconds)
     found = None
     used = False
-    for step in range(current - window, current + window + 1):
+    # Time steps start at 0 (RFC 6238 §4: T0 is the Unix epoch); there is no step before it.
+    for step in range(max(0, current - window), current + window + 1):
         if hmac.compare_digest(_hotp(secret, key, step), code):
             if step > after_step:
                 found = step
