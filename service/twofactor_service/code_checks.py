@@ -65,12 +65,6 @@ async def check_code_detailed(
     return CodeCheck.REPLAYED
 
 
-def ensure_not_locked(locked_until: datetime | None, now: datetime) -> None:
-    """During a lockout nothing is checked, not even a correct code (RFC 4226 §7.3)."""
-    if locked_until is not None and locked_until > now:
-        raise LockedOut((locked_until - now).total_seconds())
-
-
 async def ensure_account_not_locked(conn: Connection, account_id: int) -> None:
     remaining = await accounts.lock_remaining_seconds(conn, account_id)
     if remaining > 0:

@@ -146,14 +146,6 @@ def validate_username(value: str, field: str = "username") -> str:
     return value
 
 
-def validate_code(value: str, digits: int, field: str = "code") -> str:
-    if not value:
-        raise InvalidArgument(field, "is required")
-    if len(value) != digits or not all(ch in string.digits for ch in value):
-        raise InvalidArgument(field, f"must be exactly {digits} digits (0-9)")
-    return value
-
-
 def validate_code_shape(value: str, field: str = "code") -> str:
     """A code whose key's digit count is not known yet: 6 to 8 ASCII digits."""
     if not value:

@@ -6,7 +6,7 @@ import asyncio
 import logging
 import warnings
 from pathlib import Path
-from typing import Any, TypeAlias
+from typing import TypeAlias
 
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
@@ -67,7 +67,3 @@ async def ping(pool: asyncpg.Pool, within_seconds: float = 2.0) -> bool:
     except Exception:  # noqa: BLE001 - any failure means "not serving"
         return False
     return True
-
-
-def pool_usage(pool: asyncpg.Pool) -> dict[str, Any]:
-    return {"size": pool.get_size(), "idle": pool.get_idle_size(), "max": pool.get_max_size()}
