@@ -5,12 +5,11 @@ secrets, tokens and tickets."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
 
 import grpc
 
 from twofactor_service.transport.call_context import call_info
-from twofactor_service.transport.completion import observed
+from twofactor_service.transport.completion import ObservingInterceptor, Report
 from twofactor_service.transport.interceptors import Context, Handler
 
 log = logging.getLogger("twofactor_service.access")
@@ -27,19 +26,11 @@ def _request_id_sent(context: Context) -> str:
     return ""
 
 
-class AccessLogInterceptor(grpc.aio.ServerInterceptor):
+class AccessLogInterceptor(ObservingInterceptor):
     """Outside the ErrorInterceptor, so it logs the status the client gets and the request id
     that interceptor settled on (the caller's x-request-id, or a new one)."""
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> Handler | None:
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return None
-        method = handler_call_details.method
+    def reporter(self, handler: Handler, method: str) -> Report:
         level = logging.DEBUG if method.startswith(_QUIET_PREFIXES) else logging.INFO
 
         def report(context: Context, code: grpc.StatusCode, seconds: float) -> None:
@@ -62,4 +53,4 @@ class AccessLogInterceptor(grpc.aio.ServerInterceptor):
                 },
             )
 
-        return observed(handler, report)
+        return report

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, cast
 
 import grpc
@@ -85,3 +85,31 @@ def observed(handler: Handler, report: Report) -> Handler:
         )
     # Health, reflection and TwoFactorService have no client-streaming methods.
     return handler
+
+
+class ObservingInterceptor(grpc.aio.ServerInterceptor):
+    """Wraps every method's handler with `observed`, once per method rather than on every call
+    (as the policy interceptors do): the report only depends on the method."""
+
+    def __init__(self) -> None:
+        # method -> (the handler it wrapped, the wrapped handler)
+        self._wrapped: dict[str, tuple[Handler, Handler]] = {}
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> Handler | None:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None  # an unknown method: nothing to report on
+        method = handler_call_details.method
+        cached = self._wrapped.get(method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        wrapped = observed(handler, self.reporter(handler, method))
+        self._wrapped[method] = (handler, wrapped)
+        return wrapped
+
+    def reporter(self, handler: Handler, method: str) -> Report:
+        raise NotImplementedError

@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from wsgiref.simple_server import WSGIServer
 
@@ -40,7 +40,7 @@ from prometheus_client.registry import Collector
 from twofactor_service.code_checks import CodeCheck
 from twofactor_service.config import ConfigError
 from twofactor_service.store import accounts
-from twofactor_service.transport.completion import call_type, observed
+from twofactor_service.transport.completion import ObservingInterceptor, Report, call_type
 from twofactor_service.transport.interceptors import Context, Handler
 
 log = logging.getLogger(__name__)
@@ -84,24 +84,17 @@ def count_verify_outcome(check: CodeCheck | None) -> None:
     VERIFY_OUTCOMES.labels(LOCKED if check is None else check.value).inc()
 
 
-class MetricsInterceptor(grpc.aio.ServerInterceptor):
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> Handler | None:
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return None  # an unknown method: not counted, so clients cannot add label values
-        service, _, method = handler_call_details.method.lstrip("/").rpartition("/")
+class MetricsInterceptor(ObservingInterceptor):
+    def reporter(self, handler: Handler, method: str) -> Report:
+        service, _, name = method.lstrip("/").rpartition("/")
         kind = call_type(handler)
 
         def report(context: Context, code: grpc.StatusCode, seconds: float) -> None:
-            labels = (service, method, kind, code.name)
+            labels = (service, name, kind, code.name)
             RPC_HANDLED.labels(*labels).inc()
             RPC_DURATION.labels(*labels).observe(seconds)
 
-        return observed(handler, report)
+        return report
 
 
 class DatabaseCollector(Collector):
