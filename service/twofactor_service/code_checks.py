@@ -29,12 +29,6 @@ class CodeCheck(enum.Enum):
     REPLAYED = "replayed"
 
 
-async def check_code(runtime: Runtime, conn: Connection, key: StoredKey, code: str) -> bool:
-    """True when `code` is valid now for `key` and its time step was not used before; that
-    step is then used up (SPEC §4)."""
-    return await check_code_detailed(runtime, conn, key, code) is CodeCheck.VALID
-
-
 def match_code(runtime: Runtime, key: StoredKey, code: str) -> totp.StepMatch:
     """Which unused time step of `key` the code matches now; nothing is used up yet (the
     caller consumes the step: keys.consume_step)."""
@@ -51,18 +45,12 @@ def match_code(runtime: Runtime, key: StoredKey, code: str) -> totp.StepMatch:
     )
 
 
-async def check_code_detailed(
-    runtime: Runtime, conn: Connection, key: StoredKey, code: str
-) -> CodeCheck:
-    """check_code, telling a replayed code from a wrong one."""
+async def check_code(runtime: Runtime, conn: Connection, key: StoredKey, code: str) -> bool:
+    """True when `code` is valid now for `key` and its time step was not used before; that
+    step is then used up (SPEC §4). False too when another call used the same step (or a
+    newer one) a moment before, on any replica."""
     match = match_code(runtime, key, code)
-    if match.step is None:
-        return CodeCheck.REPLAYED if match.replayed else CodeCheck.INVALID
-    if await keys.consume_step(conn, key.id, match.step):
-        return CodeCheck.VALID
-    # Another call used this step (or a newer one) first: the same code at the same moment on
-    # two replicas. (Rarely, a lockout that began meanwhile; the code was right either way.)
-    return CodeCheck.REPLAYED
+    return match.step is not None and await keys.consume_step(conn, key.id, match.step)
 
 
 async def ensure_account_not_locked(conn: Connection, account_id: int) -> None:
