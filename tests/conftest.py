@@ -7,6 +7,7 @@ with unique names, so they never depend on each other either.
 
 from __future__ import annotations
 
+import logging
 import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -21,9 +22,13 @@ from tests.support import (
     make_runtime,
     temporary_database,
 )
+from twofactor_service.logs import JsonFormatter
 from twofactor_service.runtime import Runtime
 from twofactor_service.server import RunningServer, start_server
 from twofactor_service.store.database import Connection
+
+# The `replicas` fixture: two `twofactor serve` processes on the suite's database.
+pytest_plugins = ("tests.replicas",)
 
 
 @pytest.fixture(scope="session")
@@ -75,3 +80,29 @@ async def db(runtime: Runtime) -> AsyncIterator[Connection]:
     """A direct connection, for asserting what is stored (and that nothing changed)."""
     async with runtime.pool.acquire() as conn:
         yield conn
+
+
+class Lines(logging.Handler):
+    """Every record, formatted exactly as `twofactor serve` writes it."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.setFormatter(JsonFormatter())
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(self.format(record))
+
+
+@pytest.fixture
+def log_lines() -> Iterator[list[str]]:
+    root = logging.getLogger()
+    handler = Lines()
+    level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG)
+    try:
+        yield handler.lines
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -375,3 +376,16 @@ async def local_service(
             await server.stop(grace=1)
     finally:
         await runtime.pool.close()
+
+
+# --- Reading the access log (captured by the `log_lines` fixture).
+
+
+def access_lines(lines: list[str], method: str) -> list[dict[str, object]]:
+    entries = [json.loads(line) for line in lines]
+    return [
+        e
+        for e in entries
+        if e["logger"] == "twofactor_service.access"
+        and e["method"] == f"/twofactor.v1.TwoFactorService/{method}"
+    ]

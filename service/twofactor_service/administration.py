@@ -8,7 +8,6 @@ import binascii
 
 from twofactor_service import errors, rules
 from twofactor_service.caller import Caller
-from twofactor_service.passwords import hash_password_async
 from twofactor_service.rules import AccountKind
 from twofactor_service.runtime import Runtime
 from twofactor_service.store import accounts, audit, keys, sessions, settings
@@ -145,7 +144,7 @@ async def create_account(
         raise errors.InvalidArgument("kind", "must be ACCOUNT_KIND_INTERNAL or ACCOUNT_KIND_DOMAIN")
     if kind is AccountKind.INTERNAL:
         rules.validate_new_password(password)
-        password_hash: str | None = await hash_password_async(password)
+        password_hash: str | None = await runtime.password_checks.hash(password)
     else:
         if password:
             raise errors.InvalidArgument(

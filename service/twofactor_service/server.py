@@ -19,6 +19,7 @@ from twofactor.v1 import twofactor_service_pb2_grpc as pb_grpc
 from twofactor_service.audit_chain import seal_periodically
 from twofactor_service.config import Config, ConfigError
 from twofactor_service.encryption import KeyRing
+from twofactor_service.housekeeping import keep_house
 from twofactor_service.policy import SERVICE, load_policies
 from twofactor_service.runtime import Runtime
 from twofactor_service.store import database
@@ -73,6 +74,8 @@ class RunningServer:
     metrics: MetricsEndpoint | None = field(default=None)
     # Links new audit events into the tamper-evident chain (audit_chain.py).
     sealer: asyncio.Task[None] | None = field(default=None)
+    # Forgets idle failure counts (housekeeping.py).
+    housekeeper: asyncio.Task[None] | None = field(default=None)
 
     async def stop(self, grace: float | None = 5.0) -> None:
         """Graceful: stop taking calls, let running ones finish within `grace` seconds."""
@@ -80,10 +83,11 @@ class RunningServer:
         self.watcher.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self.watcher
-        if self.sealer is not None:
-            self.sealer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self.sealer
+        for task in (self.sealer, self.housekeeper):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         await self.server.stop(grace)
         if self.metrics is not None:
             await asyncio.to_thread(self.metrics.stop)
@@ -147,4 +151,7 @@ async def start_server(
         raise
     watcher = asyncio.create_task(_watch_database(pool, health_servicer))
     sealer = asyncio.create_task(seal_periodically(pool))
-    return RunningServer(server, port, health_servicer, watcher, endpoint, sealer=sealer)
+    housekeeper = asyncio.create_task(keep_house(pool, config.lockout))
+    return RunningServer(
+        server, port, health_servicer, watcher, endpoint, sealer=sealer, housekeeper=housekeeper
+    )
