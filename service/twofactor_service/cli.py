@@ -367,7 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="twofactor",
         description="TwoFactorService: serve the gRPC API, or administer accounts from the shell. "
-        "Configuration comes from TWOFACTOR_* environment variables (see README).",
+        "Configuration comes from TWOFACTOR_* environment variables (see docs/operations.md).",
         epilog=EXIT_CODES_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
