@@ -19,6 +19,7 @@ from twofactor.v1 import twofactor_service_pb2_grpc as pb_grpc
 from twofactor_service.audit_chain import seal_periodically
 from twofactor_service.config import Config, ConfigError
 from twofactor_service.encryption import KeyRing
+from twofactor_service.listen import AddressUnavailable, ensure_can_listen
 from twofactor_service.policy import SERVICE, load_policies
 from twofactor_service.runtime import Runtime
 from twofactor_service.store import database
@@ -30,6 +31,7 @@ from twofactor_service.transport.servicer import TwoFactorServicer
 log = logging.getLogger(__name__)
 
 HEALTH_INTERVAL_SECONDS = 1.0
+LISTEN_VARIABLE = "TWOFACTOR_LISTEN_ADDRESS"
 
 
 def _pem_certificates(data: bytes, variable: str) -> list[x509.Certificate]:
@@ -132,12 +134,16 @@ async def start_server(
         (SERVICE.full_name, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
     credentials = _credentials(config)
-    if credentials is None:
-        port = server.add_insecure_port(config.listen_address)
-    else:
-        port = server.add_secure_port(config.listen_address, credentials)
-    if port == 0:
-        raise OSError(f"cannot listen on {config.listen_address}")
+    ensure_can_listen(config.listen_address, LISTEN_VARIABLE, reuse_port=config.workers > 1)
+    try:
+        if credentials is None:
+            port = server.add_insecure_port(config.listen_address)
+        else:
+            port = server.add_secure_port(config.listen_address, credentials)
+    except RuntimeError:  # taken between the check and the bind
+        raise AddressUnavailable(
+            config.listen_address, LISTEN_VARIABLE, "grpc could not bind it"
+        ) from None
     await server.start()
     try:
         address = config.metrics_address
