@@ -74,13 +74,13 @@ async def _open_runtime(config: Config, url: str | None = None) -> Runtime:
 
 
 def _announce(config: Config) -> None:
+    """For the person at the terminal, on stdout: stderr carries the JSON log alone."""
     workers = f" ({config.workers} worker processes)" if config.workers > 1 else ""
     print(
         f"TwoFactorService listening on {config.listen_address}{workers}.\n"
         "Create the first administrator (in another terminal):\n"
         "  .venv/bin/twofactor create-user admin --password 'choose-a-long-one' --admin\n"
-        "then sign in with SignIn and set up the key it hands out.",
-        file=sys.stderr,
+        "then sign in and set up its key: see the README's walk-through.",
         flush=True,
     )
 
