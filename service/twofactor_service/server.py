@@ -13,7 +13,6 @@ import grpc
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 from twofactor.v1 import twofactor_service_pb2_grpc as pb_grpc
 
 from twofactor_service.audit_chain import seal_periodically
@@ -26,6 +25,7 @@ from twofactor_service.store import database
 from twofactor_service.transport.access_log import AccessLogInterceptor
 from twofactor_service.transport.interceptors import interceptors
 from twofactor_service.transport.metrics import MetricsEndpoint, MetricsInterceptor, serve_metrics
+from twofactor_service.transport.reflection import enable_reflection
 from twofactor_service.transport.servicer import TwoFactorServicer
 
 log = logging.getLogger(__name__)
@@ -130,9 +130,7 @@ async def start_server(
     pb_grpc.add_TwoFactorServiceServicer_to_server(TwoFactorServicer(runtime), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (SERVICE.full_name, health.SERVICE_NAME, reflection.SERVICE_NAME), server
-    )
+    enable_reflection(server, (SERVICE.full_name, health.SERVICE_NAME))
     credentials = _credentials(config)
     ensure_can_listen(config.listen_address, LISTEN_VARIABLE, reuse_port=config.workers > 1)
     try:
