@@ -1,6 +1,6 @@
 # TwoFactorService: `twofactor serve` on 0.0.0.0:50051 (gRPC) and 0.0.0.0:9464 (Prometheus).
 # Needs TWOFACTOR_DATABASE_URL and TWOFACTOR_ENCRYPTION_KEYS (or _FILE); see docker-compose.yml
-# and README.md, "Operating". The build context is whitelisted in .dockerignore.
+# and docs/operations.md. The build context is whitelisted in .dockerignore.
 FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 \

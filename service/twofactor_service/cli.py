@@ -32,9 +32,10 @@ from twofactor_service import (
 from twofactor_service.caller import Caller
 from twofactor_service.config import Config, ConfigError, load_config
 from twofactor_service.encryption import load_key_ring, new_key_line
+from twofactor_service.listen import AddressUnavailable, ensure_can_listen
 from twofactor_service.rules import AccountKind
 from twofactor_service.runtime import Runtime
-from twofactor_service.server import start_server
+from twofactor_service.server import LISTEN_VARIABLE, start_server
 from twofactor_service.store import database
 from twofactor_service.store.accounts import AccountRecord
 from twofactor_service.store.migrations import migrate
@@ -47,7 +48,7 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_CONFIG, EXIT_NOT_FOUND, EXIT_REFUSED = 0,
 EXIT_CODES_HELP = """exit codes:
   0  done
   1  failed (database unreachable, or another failure)
-  2  usage error or invalid input
+  2  usage error, invalid input, or the listening address is taken
   3  configuration error (a TWOFACTOR_* variable)
   4  account not found
   5  refused by a rule (e.g. allowlisting an account that has a key)
@@ -73,13 +74,13 @@ async def _open_runtime(config: Config, url: str | None = None) -> Runtime:
 
 
 def _announce(config: Config) -> None:
+    """For the person at the terminal, on stdout: stderr carries the JSON log alone."""
     workers = f" ({config.workers} worker processes)" if config.workers > 1 else ""
     print(
         f"TwoFactorService listening on {config.listen_address}{workers}.\n"
         "Create the first administrator (in another terminal):\n"
         "  .venv/bin/twofactor create-user admin --password 'choose-a-long-one' --admin\n"
-        "then sign in with SignIn and set up the key it hands out.",
-        file=sys.stderr,
+        "then sign in and set up its key: see the README's walk-through.",
         flush=True,
     )
 
@@ -367,7 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="twofactor",
         description="TwoFactorService: serve the gRPC API, or administer accounts from the shell. "
-        "Configuration comes from TWOFACTOR_* environment variables (see README).",
+        "Configuration comes from TWOFACTOR_* environment variables (see docs/operations.md).",
         epilog=EXIT_CODES_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -505,6 +506,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "serve":
             if args.workers is not None:
                 config = dataclasses.replace(config, workers=args.workers)
+            # Before the database starts: a busy port is the commonest first-run failure.
+            ensure_can_listen(config.listen_address, LISTEN_VARIABLE, reuse_port=config.workers > 1)
             if config.workers > 1:
                 return _serve_with_workers(config)
             _install_uvloop()
@@ -534,6 +537,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    except AddressUnavailable as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     except errors.AccountNotFound as exc:
         print(f"error: {exc.message}", file=sys.stderr)
         return EXIT_NOT_FOUND

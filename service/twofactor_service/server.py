@@ -13,24 +13,26 @@ import grpc
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 from twofactor.v1 import twofactor_service_pb2_grpc as pb_grpc
 
 from twofactor_service.audit_chain import seal_periodically
 from twofactor_service.config import Config, ConfigError
 from twofactor_service.encryption import KeyRing
 from twofactor_service.housekeeping import keep_house
+from twofactor_service.listen import AddressUnavailable, ensure_can_listen
 from twofactor_service.policy import SERVICE, load_policies
 from twofactor_service.runtime import Runtime
 from twofactor_service.store import database
 from twofactor_service.transport.access_log import AccessLogInterceptor
 from twofactor_service.transport.interceptors import interceptors
 from twofactor_service.transport.metrics import MetricsEndpoint, MetricsInterceptor, serve_metrics
+from twofactor_service.transport.reflection import enable_reflection
 from twofactor_service.transport.servicer import TwoFactorServicer
 
 log = logging.getLogger(__name__)
 
 HEALTH_INTERVAL_SECONDS = 1.0
+LISTEN_VARIABLE = "TWOFACTOR_LISTEN_ADDRESS"
 
 
 def _pem_certificates(data: bytes, variable: str) -> list[x509.Certificate]:
@@ -132,16 +134,18 @@ async def start_server(
     pb_grpc.add_TwoFactorServiceServicer_to_server(TwoFactorServicer(runtime), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (SERVICE.full_name, health.SERVICE_NAME, reflection.SERVICE_NAME), server
-    )
+    enable_reflection(server, (SERVICE.full_name, health.SERVICE_NAME))
     credentials = _credentials(config)
-    if credentials is None:
-        port = server.add_insecure_port(config.listen_address)
-    else:
-        port = server.add_secure_port(config.listen_address, credentials)
-    if port == 0:
-        raise OSError(f"cannot listen on {config.listen_address}")
+    ensure_can_listen(config.listen_address, LISTEN_VARIABLE, reuse_port=config.workers > 1)
+    try:
+        if credentials is None:
+            port = server.add_insecure_port(config.listen_address)
+        else:
+            port = server.add_secure_port(config.listen_address, credentials)
+    except RuntimeError:  # taken between the check and the bind
+        raise AddressUnavailable(
+            config.listen_address, LISTEN_VARIABLE, "grpc could not bind it"
+        ) from None
     await server.start()
     try:
         address = config.metrics_address
