@@ -127,6 +127,7 @@ EXPECTED: dict[str, dict[Actor, Expected]] = {
     "AddToExclusionList": ADMIN_CHANGE,
     "RemoveFromExclusionList": ADMIN_CHANGE,
     "ListExclusionList": ADMIN_READ,
+    "ListAccounts": ADMIN_READ,
     "VerifyCode": row(UNAUTHENTICATED, *[MISSING_RIGHT] * 7, OK, MISSING_RIGHT),
     # Another account's status (one's own is open to every signed-in account).
     "GetAccountStatus": ADMIN_READ,
@@ -275,6 +276,7 @@ REQUESTS: dict[str, Callable[[Case], Awaitable[Message]]] = {
     "AddToExclusionList": naming(pb.AddToExclusionListRequest),
     "RemoveFromExclusionList": naming(pb.RemoveFromExclusionListRequest, "excluded"),
     "ListExclusionList": constant(pb.ListExclusionListRequest(page_size=1)),
+    "ListAccounts": constant(pb.ListAccountsRequest(page_size=1)),
     "VerifyCode": verify_code_request,
     "GetAccountStatus": naming(pb.GetAccountStatusRequest),
     "ListAuditEvents": constant(pb.ListAuditEventsRequest(page_size=1)),
