@@ -70,7 +70,7 @@ async def web_stub(server: RunningServer) -> AsyncIterator[pb_grpc.TwoFactorServ
     """The same service as `stub`, reached as a browser reaches it: gRPC-Web to the console."""
     assert server.console is not None
     channel = GrpcWebChannel(server.console.url)
-    yield pb_grpc.TwoFactorServiceStub(channel)  # type: ignore[arg-type]
+    yield pb_grpc.TwoFactorServiceStub(channel)  # type: ignore[call-overload]
     await channel.close()
 
 

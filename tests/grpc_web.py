@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import struct
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 from urllib.parse import unquote
 
@@ -119,10 +119,13 @@ class _UnaryUnary:
     ) -> None:
         self._channel, self._method, self._serialize, self._read = channel, method, serialize, read
 
-    async def __call__(
+    def __call__(
         self, request: Any, *, metadata: Any = None, timeout: float | None = None
-    ) -> Any:
+    ) -> Awaitable[Any]:
         call = _Call(self._channel, self._method, self._serialize(request), metadata, timeout)
+        return self._answer(call)
+
+    async def _answer(self, call: _Call) -> Any:
         answers = [answer async for answer in call.messages()]
         assert len(answers) == 1, f"a unary call answered {len(answers)} messages"
         return self._read(answers[0])

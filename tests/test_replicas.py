@@ -69,6 +69,8 @@ def _start_replica(database_url: str, log: Path, *serve_args: str) -> Replica:
         "TWOFACTOR_DATABASE_URL": database_url,
         "TWOFACTOR_ENCRYPTION_KEYS": TEST_ENCRYPTION_KEYS,
         "TWOFACTOR_LISTEN_ADDRESS": address,
+        # Never the default 8080, which a developer's `make run` may hold.
+        "TWOFACTOR_CONSOLE_ADDRESS": f"127.0.0.1:{_free_port()}",
         "TWOFACTOR_LOG_LEVEL": "WARNING",
     }
     with log.open("wb") as sink:

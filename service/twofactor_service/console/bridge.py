@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator
+from typing import TypeAlias
 
 import grpc
 from aiohttp import web
@@ -30,6 +31,9 @@ FORWARDED_METADATA = ("authorization", "x-step-up-password", "x-step-up-code", "
 # Trailing metadata returned to the browser besides the status.
 RETURNED_TRAILERS = ("x-request-id",)
 STATUS_DETAILS = "grpc-status-details-bin"
+# No (de)serializers: requests and responses pass through as bytes.
+Unary: TypeAlias = "grpc.aio.UnaryUnaryMultiCallable[bytes, bytes]"
+Streaming: TypeAlias = "grpc.aio.UnaryStreamMultiCallable[bytes, bytes]"
 ERROR_DOMAIN = "twofactor.v1"
 
 
@@ -91,7 +95,7 @@ class Bridge:
             return response
         try:
             message = grpc_web.single_message(await request.read())
-            timeout = grpc_web.timeout_seconds(request.headers.get("grpc-timeout"))
+            deadline = grpc_web.timeout_seconds(request.headers.get("grpc-timeout"))
         except grpc_web.MalformedRequest as exc:
             await response.prepare(request)
             await self._finish(response, *_malformed_status(str(exc)))
@@ -99,9 +103,9 @@ class Bridge:
         path = f"/{self.service.full_name}/{method.name}"
         metadata = self._metadata(request)
         if method.server_streaming:
-            await self._stream(request, response, path, message, metadata, timeout)
+            await self._stream(request, response, path, message, metadata, deadline)
         else:
-            await self._unary(request, response, path, message, metadata, timeout)
+            await self._unary(request, response, path, message, metadata, deadline)
         return response
 
     async def _unary(
@@ -111,10 +115,10 @@ class Bridge:
         path: str,
         message: bytes,
         metadata: list[tuple[str, str]],
-        timeout: float | None,
+        deadline_seconds: float | None,
     ) -> None:
-        # No (de)serializers: the request and the response pass through as bytes.
-        call = self.channel.unary_unary(path)(message, metadata=metadata, timeout=timeout)
+        method: Unary = self.channel.unary_unary(path)
+        call = method(message, metadata=metadata, timeout=deadline_seconds)
         try:
             answer: bytes = await call
         except grpc.aio.AioRpcError as error:
@@ -138,9 +142,10 @@ class Bridge:
         path: str,
         message: bytes,
         metadata: list[tuple[str, str]],
-        timeout: float | None,
+        deadline_seconds: float | None,
     ) -> None:
-        call = self.channel.unary_stream(path)(message, metadata=metadata, timeout=timeout)
+        method: Streaming = self.channel.unary_stream(path)
+        call = method(message, metadata=metadata, timeout=deadline_seconds)
         await response.prepare(request)
         try:
             async for answer in _messages(call):

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import grpc
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
 from twofactor_service.config import Config, ConfigError
 from twofactor_service.console.bridge import Bridge
@@ -69,7 +70,7 @@ def cross_site(request: web.Request) -> bool:
 
 
 @web.middleware
-async def _same_origin_only(request: web.Request, handler: web.Handler) -> web.StreamResponse:
+async def _same_origin_only(request: web.Request, handler: Handler) -> web.StreamResponse:
     if request.method == "POST" and cross_site(request):
         raise web.HTTPForbidden(text="cross-origin requests are refused")
     return await handler(request)
