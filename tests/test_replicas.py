@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import aiohttp
 import grpc
 import psutil
 import pyotp
@@ -59,18 +60,21 @@ class Replica:
     log: Path
     channel: grpc.aio.Channel
     stub: pb_grpc.TwoFactorServiceAsyncStub
+    # The web console's http://host:port/
+    console_url: str
 
 
 def _start_replica(database_url: str, log: Path, *serve_args: str) -> Replica:
     """`twofactor serve` in a process of its own, configured as an operator would."""
     address = f"127.0.0.1:{_free_port()}"
+    console = f"127.0.0.1:{_free_port()}"
     env = {k: v for k, v in os.environ.items() if not k.startswith("TWOFACTOR_")}
     env |= {
         "TWOFACTOR_DATABASE_URL": database_url,
         "TWOFACTOR_ENCRYPTION_KEYS": TEST_ENCRYPTION_KEYS,
         "TWOFACTOR_LISTEN_ADDRESS": address,
         # Never the default 8080, which a developer's `make run` may hold.
-        "TWOFACTOR_CONSOLE_ADDRESS": f"127.0.0.1:{_free_port()}",
+        "TWOFACTOR_CONSOLE_ADDRESS": console,
         "TWOFACTOR_LOG_LEVEL": "WARNING",
     }
     with log.open("wb") as sink:
@@ -81,7 +85,8 @@ def _start_replica(database_url: str, log: Path, *serve_args: str) -> Replica:
             stderr=subprocess.STDOUT,
         )
     channel = grpc.aio.insecure_channel(address)
-    return Replica(process, address, log, channel, pb_grpc.TwoFactorServiceStub(channel))
+    stub = pb_grpc.TwoFactorServiceStub(channel)
+    return Replica(process, address, log, channel, stub, f"http://{console}/")
 
 
 async def _wait_serving(replica: Replica) -> None:
@@ -296,10 +301,13 @@ async def test_workers_share_one_port_and_the_supervisor_stops_with_them(
                 within=START_WITHIN_SECONDS,
                 what="2 worker processes",
             )
-            # New connections land on either worker; every one of them answers.
+            # New connections land on either worker; every one of them answers, on the gRPC
+            # port and on the web console's, which the workers share the same way.
             for _ in range(8):
                 async with grpc.aio.insecure_channel(server.address) as channel:
                     assert await health_status(channel) == health_pb2.HealthCheckResponse.SERVING
+                async with aiohttp.ClientSession() as http, http.get(server.console_url) as page:
+                    assert page.status == 200
             if ending == "worker-dies":
                 _workers(supervisor)[0].kill()
                 status = await asyncio.to_thread(server.process.wait, 20)
