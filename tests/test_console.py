@@ -22,6 +22,7 @@ from twofactor.v1 import twofactor_service_pb2_grpc as pb_grpc
 
 from tests.support import Actors, audit_events, error_reason
 from twofactor_service.config import ConfigError, load_config
+from twofactor_service.runtime import Runtime
 from twofactor_service.server import RunningServer
 
 Stub: TypeAlias = "pb_grpc.TwoFactorServiceAsyncStub"
@@ -256,3 +257,12 @@ def test_a_malformed_console_address_is_a_configuration_error(value: str) -> Non
 def test_the_console_is_on_by_default_and_off_with_an_empty_value() -> None:
     assert load_config({}).console_address == "127.0.0.1:8080"
     assert load_config({"TWOFACTOR_CONSOLE_ADDRESS": ""}).console_address is None
+
+
+async def test_a_body_beyond_the_message_limit_is_refused_unread(
+    http: tuple[aiohttp.ClientSession, str], runtime: Runtime
+) -> None:
+    session, url = http
+    oversized = frame(b"x" * (runtime.config.max_message_bytes + 1))
+    async with session.post(url + SIGN_IN, data=oversized, headers=GRPC_WEB) as response:
+        assert response.status == 413

@@ -3,7 +3,7 @@
 import type { AccountStatus } from "./gen/twofactor/v1/twofactor_service_pb.js";
 import { auditScreen } from "./audit.js";
 import { h, show } from "./dom.js";
-import { refusalView } from "./errors.js";
+import { reasonOf, refusalView } from "./errors.js";
 import { mayCall } from "./policy.js";
 import { authorization, client, currentSession, forgetSession } from "./session.js";
 import { settingsScreen } from "./settings.js";
@@ -20,12 +20,12 @@ async function loadActor(): Promise<void> {
   actor = answer.status!;
 }
 
-function signedOut(): void {
+function signedOut(notice?: unknown): void {
   forgetSession();
   actor = null;
   header.replaceChildren();
   if (window.location.hash) window.location.hash = "";
-  signInScreen(main, () => void start());
+  signInScreen(main, () => void start(), notice);
 }
 
 async function signOut(): Promise<void> {
@@ -84,9 +84,15 @@ async function start(): Promise<void> {
   }
   try {
     await loadActor();
-  } catch {
-    // The session ended (expired, signed out elsewhere, or the key was reset).
-    signedOut();
+  } catch (error) {
+    // The session ended (expired, signed out elsewhere, the key was reset), or the account
+    // may not use the console (an account excluded from 2FA: TWO_FACTOR_NOT_CONFIGURED).
+    if (reasonOf(error) === "UNAUTHENTICATED") {
+      signedOut();
+    } else {
+      await client.signOut({}, { headers: authorization() }).catch(() => undefined);
+      signedOut(error);
+    }
     return;
   }
   show(header, navigation(actor!));

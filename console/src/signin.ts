@@ -8,7 +8,8 @@ import { reasonOf, refusalView } from "./errors.js";
 import { pendingKeyView } from "./keys.js";
 import { client, keepSession } from "./session.js";
 
-export function signInScreen(root: HTMLElement, signedIn: () => void): void {
+/** The Sign in screen; `notice` is a refusal to show first (why the last session ended). */
+export function signInScreen(root: HTMLElement, signedIn: () => void, notice?: unknown): void {
   const username = field("Username", { autocomplete: "username", required: true });
   const password = field("Password", {
     type: "password",
@@ -20,7 +21,7 @@ export function signInScreen(root: HTMLElement, signedIn: () => void): void {
     autocomplete: "one-time-code",
   });
   code.row.hidden = true;
-  const problems = h("div", { class: "problems" });
+  const problems = h("div", { class: "problems" }, notice ? refusalView(notice) : null);
 
   const opened = (session: SessionMessage | undefined) => {
     if (!session) throw new Error("the server opened no session");

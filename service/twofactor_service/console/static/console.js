@@ -7555,7 +7555,7 @@ async function settingsScreen(root, actor2) {
 }
 
 // src/signin.ts
-function signInScreen(root, signedIn) {
+function signInScreen(root, signedIn, notice) {
   const username = field("Username", { autocomplete: "username", required: true });
   const password = field("Password", {
     type: "password",
@@ -7567,7 +7567,7 @@ function signInScreen(root, signedIn) {
     autocomplete: "one-time-code"
   });
   code.row.hidden = true;
-  const problems = h("div", { class: "problems" });
+  const problems = h("div", { class: "problems" }, notice ? refusalView(notice) : null);
   const opened = (session) => {
     if (!session) throw new Error("the server opened no session");
     keepSession({ token: session.token, username: username.input.value.trim() });
@@ -7627,12 +7627,12 @@ async function loadActor() {
   const answer = await client.getAccountStatus({ username: "" }, { headers: authorization() });
   actor = answer.status;
 }
-function signedOut() {
+function signedOut(notice) {
   forgetSession();
   actor = null;
   header.replaceChildren();
   if (window.location.hash) window.location.hash = "";
-  signInScreen(main, () => void start());
+  signInScreen(main, () => void start(), notice);
 }
 async function signOut() {
   try {
@@ -7684,8 +7684,13 @@ async function start() {
   }
   try {
     await loadActor();
-  } catch {
-    signedOut();
+  } catch (error) {
+    if (reasonOf(error) === "UNAUTHENTICATED") {
+      signedOut();
+    } else {
+      await client.signOut({}, { headers: authorization() }).catch(() => void 0);
+      signedOut(error);
+    }
     return;
   }
   show(header, navigation(actor));
