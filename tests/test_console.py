@@ -137,6 +137,26 @@ async def test_a_malformed_body_is_invalid_argument_with_a_reason(
     assert info.reason == "MALFORMED_REQUEST"
 
 
+@pytest.mark.parametrize(
+    ("headers", "message"),
+    [
+        ({"authorization": "Bearer caf\u00e9"}, "authorization header"),
+        ({"x-step-up-code": "12\t34"}, "x-step-up-code header"),
+        ({"grpc-timeout": "soon"}, "grpc-timeout"),
+    ],
+    ids=["non-ascii-token", "control-character", "bad-timeout"],
+)
+async def test_a_malformed_header_is_invalid_argument_with_a_reason(
+    http: tuple[aiohttp.ClientSession, str], headers: dict[str, str], message: str
+) -> None:
+    session, url = http
+    request = frame(pb.SignInRequest(username="nobody", password="pw").SerializeToString())
+    async with session.post(url + SIGN_IN, data=request, headers=GRPC_WEB | headers) as r:
+        trailers = trailers_of(await r.read())
+    assert trailers["grpc-status"] == str(grpc.StatusCode.INVALID_ARGUMENT.value[0])
+    assert message in trailers["grpc-message"]
+
+
 async def test_an_unknown_method_is_unimplemented(http: tuple[aiohttp.ClientSession, str]) -> None:
     session, url = http
     path = "twofactor.v1.TwoFactorService/NoSuchMethod"

@@ -77,6 +77,10 @@ class Bridge:
         metadata = [
             (key, value) for key in FORWARDED_METADATA for value in request.headers.getall(key, ())
         ]
+        for key, value in metadata:
+            # What gRPC accepts in a text metadata value.
+            if not (value.isascii() and value.isprintable()):
+                raise grpc_web.MalformedRequest(f"the {key} header must be printable ASCII")
         metadata += [(FORWARDED_FOR, _browser_address(request)), (FORWARDED_KEY, BRIDGE_KEY)]
         return metadata
 
@@ -96,12 +100,12 @@ class Bridge:
         try:
             message = grpc_web.single_message(await request.read())
             deadline = grpc_web.timeout_seconds(request.headers.get("grpc-timeout"))
+            metadata = self._metadata(request)
         except grpc_web.MalformedRequest as exc:
             await response.prepare(request)
             await self._finish(response, *_malformed_status(str(exc)))
             return response
         path = f"/{self.service.full_name}/{method.name}"
-        metadata = self._metadata(request)
         if method.server_streaming:
             await self._stream(request, response, path, message, metadata, deadline)
         else:
