@@ -73,14 +73,24 @@ async def _open_runtime(config: Config, url: str | None = None) -> Runtime:
     return Runtime(config=config, pool=pool, key_ring=key_ring)
 
 
-def _announce(config: Config) -> None:
+def _console_url(config: Config) -> str | None:
+    """The console's address as configured (workers share it)."""
+    if not config.console_address:
+        return None
+    return f"{'https' if config.tls else 'http'}://{config.console_address}/"
+
+
+def _announce(config: Config, console_url: str | None = None) -> None:
     """For the person at the terminal, on stdout: stderr carries the JSON log alone."""
     workers = f" ({config.workers} worker processes)" if config.workers > 1 else ""
+    console = console_url or _console_url(config)
+    where = f"open the console at {console} and sign in" if console else "sign in with SignIn"
     print(
         f"TwoFactorService listening on {config.listen_address}{workers}.\n"
-        "Create the first administrator (in another terminal):\n"
+        + (f"Web console: {console}\n" if console else "")
+        + "Create the first administrator (in another terminal):\n"
         "  .venv/bin/twofactor create-user admin --password 'choose-a-long-one' --admin\n"
-        "then sign in and set up its key: see the README's walk-through.",
+        f"then {where}, and set up the key it hands out (or follow the README's walk-through).",
         flush=True,
     )
 
@@ -90,7 +100,7 @@ async def _serve(config: Config, url: str | None = None, ready: Connection | Non
     running = await start_server(config, runtime.pool, runtime.key_ring, runtime=runtime)
     log.info("serving", extra={"address": config.listen_address, "port": running.port})
     if ready is None:
-        _announce(config)
+        _announce(config, running.console.url if running.console else None)
     else:  # a worker of `serve --workers N`: the parent announces once all are serving
         ready.send("ready")
         ready.close()
@@ -116,6 +126,9 @@ def _serve_with_workers(config: Config) -> int:
     workers, each a whole server on the shared port."""
     if config.listen_address.rsplit(":", 1)[-1] == "0":
         raise ConfigError("TWOFACTOR_WORKERS > 1 needs a fixed port in TWOFACTOR_LISTEN_ADDRESS")
+    if config.console_address and config.console_address.rsplit(":", 1)[-1] == "0":
+        # Each worker serves the console on the shared port (SO_REUSEPORT), as it does gRPC.
+        raise ConfigError("TWOFACTOR_WORKERS > 1 needs a fixed port in TWOFACTOR_CONSOLE_ADDRESS")
     url = database_url(config)
     asyncio.run(_prepare(config, url))
     clean = run_workers(config, url, _serve_worker, lambda: _announce(config))
@@ -508,6 +521,12 @@ def main(argv: list[str] | None = None) -> int:
                 config = dataclasses.replace(config, workers=args.workers)
             # Before the database starts: a busy port is the commonest first-run failure.
             ensure_can_listen(config.listen_address, LISTEN_VARIABLE, reuse_port=config.workers > 1)
+            if config.console_address:
+                ensure_can_listen(
+                    config.console_address,
+                    "TWOFACTOR_CONSOLE_ADDRESS",
+                    reuse_port=config.workers > 1,
+                )
             if config.workers > 1:
                 return _serve_with_workers(config)
             _install_uvloop()

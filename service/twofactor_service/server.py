@@ -6,7 +6,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import shutil
+import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import asyncpg
 import grpc
@@ -17,6 +20,7 @@ from twofactor.v1 import twofactor_service_pb2_grpc as pb_grpc
 
 from twofactor_service.audit_chain import seal_periodically
 from twofactor_service.config import Config, ConfigError
+from twofactor_service.console.site import ConsoleEndpoint, start_console
 from twofactor_service.encryption import KeyRing
 from twofactor_service.housekeeping import keep_house
 from twofactor_service.listen import AddressUnavailable, ensure_can_listen
@@ -78,6 +82,8 @@ class RunningServer:
     sealer: asyncio.Task[None] | None = field(default=None)
     # Forgets idle failure counts (housekeeping.py).
     housekeeper: asyncio.Task[None] | None = field(default=None)
+    # The web console, when TWOFACTOR_CONSOLE_ADDRESS is set (the default).
+    console: ConsoleEndpoint | None = field(default=None)
 
     async def stop(self, grace: float | None = 5.0) -> None:
         """Graceful: stop taking calls, let running ones finish within `grace` seconds."""
@@ -90,6 +96,9 @@ class RunningServer:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+        if self.console is not None:
+            # First: its calls (a followed audit log) end, then the server's grace applies.
+            await self.console.stop()
         await self.server.stop(grace)
         if self.metrics is not None:
             await asyncio.to_thread(self.metrics.stop)
@@ -146,16 +155,37 @@ async def start_server(
         raise AddressUnavailable(
             config.listen_address, LISTEN_VARIABLE, "grpc could not bind it"
         ) from None
+    # The console's bridge reaches this server over a unix socket in a folder only this
+    # process's user can open; it needs no client certificate, even with mTLS on the port.
+    socket_dir = (
+        Path(tempfile.mkdtemp(prefix="twofactor-console-")) if config.console_address else None
+    )
+    if socket_dir is not None:
+        server.add_insecure_port(f"unix:{socket_dir / 'grpc.sock'}")
     await server.start()
+    console: ConsoleEndpoint | None = None
     try:
+        if socket_dir is not None:
+            console = await start_console(config, socket_dir)
         address = config.metrics_address
         endpoint = serve_metrics(address, pool) if address else None
     except BaseException:
+        if console is not None:
+            await console.stop()
+        if socket_dir is not None:
+            shutil.rmtree(socket_dir, ignore_errors=True)
         await server.stop(None)
         raise
     watcher = asyncio.create_task(_watch_database(pool, health_servicer))
     sealer = asyncio.create_task(seal_periodically(pool))
     housekeeper = asyncio.create_task(keep_house(pool, config.lockout))
     return RunningServer(
-        server, port, health_servicer, watcher, endpoint, sealer=sealer, housekeeper=housekeeper
+        server,
+        port,
+        health_servicer,
+        watcher,
+        endpoint,
+        sealer=sealer,
+        housekeeper=housekeeper,
+        console=console,
     )

@@ -37,6 +37,7 @@ from twofactor_service.transport.call_context import (
     current_actor,
     current_target,
 )
+from twofactor_service.transport.forwarded_peer import call_peer
 
 log = logging.getLogger(__name__)
 
@@ -254,7 +255,7 @@ class ErrorInterceptor(_OwnMethods):
             request_id = _metadata(context, "x-request-id") or uuid.uuid4().hex
             request_id = request_id[:64]
             context.set_trailing_metadata((("x-request-id", request_id),))
-            call_info.set(CallInfo(method, operation, policy, request_id, context.peer() or ""))
+            call_info.set(CallInfo(method, operation, policy, request_id, call_peer(context)))
             current_actor.set(None)
             current_target.set("")
 
