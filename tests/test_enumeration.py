@@ -108,14 +108,20 @@ async def sample_alternately(
     unknown: Callable[[], Awaitable[tuple[Answer, float]]],
     between: Callable[[], Awaitable[None]] | None = None,
 ) -> tuple[set[Answer], list[float], list[float]]:
-    """SAMPLES of each, in pairs sent together (so the machine's load hits both alike)."""
+    """SAMPLES of each, in pairs sent together (so the machine's load hits both alike), each
+    kind first in every other pair (the first sent is served first)."""
     answers: set[Answer] = set()
     known_times: list[float] = []
     unknown_times: list[float] = []
-    for _ in range(SAMPLES):
-        (known_answer, known_took), (unknown_answer, unknown_took) = await asyncio.gather(
-            known(), unknown()
-        )
+    for sample in range(SAMPLES):
+        if sample % 2:
+            (unknown_answer, unknown_took), (known_answer, known_took) = await asyncio.gather(
+                unknown(), known()
+            )
+        else:
+            (known_answer, known_took), (unknown_answer, unknown_took) = await asyncio.gather(
+                known(), unknown()
+            )
         answers |= {known_answer, unknown_answer}
         known_times.append(known_took)
         unknown_times.append(unknown_took)
