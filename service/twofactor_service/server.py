@@ -24,6 +24,7 @@ from twofactor_service.policy import SERVICE, load_policies
 from twofactor_service.runtime import Runtime
 from twofactor_service.store import database
 from twofactor_service.transport.access_log import AccessLogInterceptor
+from twofactor_service.transport.identities import IdentityCache, listen
 from twofactor_service.transport.interceptors import interceptors
 from twofactor_service.transport.metrics import MetricsEndpoint, MetricsInterceptor, serve_metrics
 from twofactor_service.transport.servicer import TwoFactorServicer
@@ -76,6 +77,8 @@ class RunningServer:
     sealer: asyncio.Task[None] | None = field(default=None)
     # Forgets idle failure counts (housekeeping.py).
     housekeeper: asyncio.Task[None] | None = field(default=None)
+    # Hears which callers changed, for the identity cache (transport/identities.py).
+    identity_listener: asyncio.Task[None] | None = field(default=None)
 
     async def stop(self, grace: float | None = 5.0) -> None:
         """Graceful: stop taking calls, let running ones finish within `grace` seconds."""
@@ -83,7 +86,7 @@ class RunningServer:
         self.watcher.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self.watcher
-        for task in (self.sealer, self.housekeeper):
+        for task in (self.sealer, self.housekeeper, self.identity_listener):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -121,8 +124,9 @@ async def start_server(
     observers: list[grpc.aio.ServerInterceptor] = [AccessLogInterceptor()]
     if config.metrics_address:
         observers.insert(0, MetricsInterceptor())
+    identities = IdentityCache(config.identity_cache_seconds)
     server = grpc.aio.server(
-        interceptors=[*observers, *interceptors(runtime, load_policies())],
+        interceptors=[*observers, *interceptors(runtime, load_policies(), identities)],
         options=[
             ("grpc.max_receive_message_length", config.max_message_bytes),
             ("grpc.so_reuseport", 1 if config.workers > 1 else 0),
@@ -152,6 +156,14 @@ async def start_server(
     watcher = asyncio.create_task(_watch_database(pool, health_servicer))
     sealer = asyncio.create_task(seal_periodically(pool))
     housekeeper = asyncio.create_task(keep_house(pool, config.lockout))
+    listener = asyncio.create_task(listen(identities, pool))
     return RunningServer(
-        server, port, health_servicer, watcher, endpoint, sealer=sealer, housekeeper=housekeeper
+        server,
+        port,
+        health_servicer,
+        watcher,
+        endpoint,
+        sealer=sealer,
+        housekeeper=housekeeper,
+        identity_listener=listener,
     )

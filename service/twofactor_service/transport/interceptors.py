@@ -1,7 +1,7 @@
 """Server interceptors, one concern each, outermost first:
 
 1. ErrorInterceptor: request id, call info, and domain errors → status + google.rpc details.
-2. AuthenticationInterceptor: bearer session token → actor.
+2. AuthenticationInterceptor: bearer session token (or mapped client certificate) → actor.
 3. AuthorizationInterceptor: the method's declared right and 2FA requirement.
 4. StepUpInterceptor: account protection of the target named in the request.
 
@@ -29,7 +29,7 @@ from twofactor_service import errors, rules
 from twofactor_service.encryption import DecryptionFailed
 from twofactor_service.runtime import Runtime
 from twofactor_service.sign_in import verify_step_up
-from twofactor_service.store import audit, sessions
+from twofactor_service.store import accounts, audit, sessions
 from twofactor_service.transport.call_context import (
     CallInfo,
     call_info,
@@ -37,6 +37,8 @@ from twofactor_service.transport.call_context import (
     current_actor,
     current_target,
 )
+from twofactor_service.transport.client_certificates import mapped_account
+from twofactor_service.transport.identities import IdentityCache
 
 log = logging.getLogger(__name__)
 
@@ -94,14 +96,19 @@ def _lenient(deserializer: Callable[[bytes], Message] | None, message_type: str)
     return deserialize
 
 
-def _wrap(handler: Handler, before: Inspect) -> Handler:
-    """A handler that runs `before(request, context)` first, then the original behaviour."""
+def _wrap(handler: Handler, before: Inspect, after: Callable[[], None] | None = None) -> Handler:
+    """A handler that runs `before(request, context)` first, then the original behaviour, then
+    `after()` however the behaviour ended."""
     if handler.unary_unary is not None:
         inner_unary = cast(UnaryBehaviour, handler.unary_unary)
 
         async def unary(request: Message, context: Context) -> Any:
             await before(request, context)
-            return await inner_unary(request, context)
+            try:
+                return await inner_unary(request, context)
+            finally:
+                if after is not None:
+                    after()
 
         return grpc.unary_unary_rpc_method_handler(
             unary, handler.request_deserializer, handler.response_serializer
@@ -111,8 +118,12 @@ def _wrap(handler: Handler, before: Inspect) -> Handler:
 
         async def stream(request: Message, context: Context) -> AsyncIterator[Any]:
             await before(request, context)
-            async for item in inner_stream(request, context):
-                yield item
+            try:
+                async for item in inner_stream(request, context):
+                    yield item
+            finally:
+                if after is not None:
+                    after()
 
         return grpc.unary_stream_rpc_method_handler(
             stream, handler.request_deserializer, handler.response_serializer
@@ -295,47 +306,100 @@ class ErrorInterceptor(_OwnMethods):
 
 
 class AuthenticationInterceptor(_OwnMethods):
+    """The caller: a bearer session token, or a client certificate mapped to a service account.
+    Resolved callers are kept in the identity cache (transport/identities.py), and a call that
+    changes an account drops that account from it before answering."""
+
+    def __init__(
+        self,
+        runtime: Runtime,
+        policies: dict[str, rules.MethodPolicy],
+        identities: IdentityCache,
+    ) -> None:
+        super().__init__(runtime, policies)
+        self.identities = identities
+        self.certificate_accounts = dict(runtime.config.client_certificate_accounts)
+
     def wrap(self, handler: Handler, method: str) -> Handler:
         policy = self.policies[method]
-        runtime = self.runtime
-        idle = runtime.config.session_idle_seconds
+        identities = self.identities
 
         async def authenticate(request: Message, context: Context) -> None:
             _refuse_duplicated_credentials(context)
             header = _metadata(context, "authorization")
-            if header is None:
-                if policy.allow_anonymous:
-                    return
+            if header is not None:
+                current_actor.set(await self._session_actor(header))
+                return
+            account = mapped_account(context, self.certificate_accounts)
+            if account is not None:
+                current_actor.set(await self._certificate_actor(account))
+            elif not policy.allow_anonymous:
                 raise errors.Unauthenticated(
                     "sign in first and send the session token as 'authorization: Bearer <token>'"
                 )
-            scheme, _, token = header.partition(" ")
-            if scheme.lower() != "bearer" or not token.strip() or len(token) > 512:
-                raise errors.Unauthenticated("the authorization metadata must be 'Bearer <token>'")
-            hashed = sessions.token_hash(token.strip())
-            async with runtime.pool.acquire() as conn:
-                found = await sessions.resolve(conn, hashed, idle)
-                if found is None:
-                    raise errors.Unauthenticated(
-                        "the session token is unknown, expired or ended; sign in again"
-                    )
-                if found.idle_seconds > 60:
-                    # Idle-time bookkeeping at most once a minute, not on every call.
-                    await sessions.touch(conn, hashed)
-            current_actor.set(
-                rules.Actor(
-                    account_id=found.account_id,
-                    username=found.username,
-                    kind=found.kind,
-                    session_id=hashed,
-                    signed_in_with_two_factor=found.signed_in_with_two_factor,
-                    has_active_key=found.has_active_key,
-                    protected=found.protected,
-                    rights=found.rights,
-                )
-            )
 
-        return _wrap(handler, authenticate)
+        def forget_changed() -> None:
+            # The account this call may have changed (its target, or the caller itself).
+            if policy.protects_target or policy.acts_on_caller:
+                identities.drop_named(current_target.get())
+
+        return _wrap(handler, authenticate, after=forget_changed)
+
+    async def _session_actor(self, header: str) -> rules.Actor:
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip() or len(token) > 512:
+            raise errors.Unauthenticated("the authorization metadata must be 'Bearer <token>'")
+        hashed = sessions.token_hash(token.strip())
+        cached = self.identities.get(hashed)
+        if cached is not None:
+            return cached
+        epoch = self.identities.epoch
+        async with self.runtime.pool.acquire() as conn:
+            found = await sessions.resolve(conn, hashed, self.runtime.config.session_idle_seconds)
+            if found is None:
+                raise errors.Unauthenticated(
+                    "the session token is unknown, expired or ended; sign in again"
+                )
+            if found.idle_seconds > 60:
+                # Idle-time bookkeeping at most once a minute, not on every call.
+                await sessions.touch(conn, hashed)
+        actor = _actor(found, session_id=hashed)
+        self.identities.put(hashed, actor, epoch=epoch, expires_at=found.expires_at)
+        return actor
+
+    async def _certificate_actor(self, account: str) -> rules.Actor:
+        key = ("certificate", account)
+        cached = self.identities.get(key)
+        if cached is not None:
+            return cached
+        epoch = self.identities.epoch
+        async with self.runtime.pool.acquire() as conn:
+            found = await sessions.resolve_account(conn, accounts.username_key(account))
+        if found is None or not found.excluded:
+            # The operator's mapping names no service account: say so, to the operator.
+            log.warning(
+                "client certificate mapped to no service account", extra={"account": account}
+            )
+            raise errors.Unauthenticated(
+                "this client certificate is mapped to an account that does not exist or is not "
+                "a service account (on the exclusion list)"
+            )
+        actor = _actor(found, session_id=b"")
+        self.identities.put(key, actor, epoch=epoch, expires_at=None)
+        return actor
+
+
+def _actor(found: sessions.SessionActor, *, session_id: bytes) -> rules.Actor:
+    return rules.Actor(
+        account_id=found.account_id,
+        username=found.username,
+        kind=found.kind,
+        session_id=session_id,
+        signed_in_with_two_factor=found.signed_in_with_two_factor,
+        has_active_key=found.has_active_key,
+        protected=found.protected,
+        rights=found.rights,
+    )
 
 
 def _target_of(request: Message, policy: rules.MethodPolicy) -> str:
@@ -391,11 +455,11 @@ class StepUpInterceptor(_OwnMethods):
 
 
 def interceptors(
-    runtime: Runtime, policies: dict[str, rules.MethodPolicy]
+    runtime: Runtime, policies: dict[str, rules.MethodPolicy], identities: IdentityCache
 ) -> list[grpc.aio.ServerInterceptor]:
     return [
         ErrorInterceptor(runtime, policies),
-        AuthenticationInterceptor(runtime, policies),
+        AuthenticationInterceptor(runtime, policies, identities),
         AuthorizationInterceptor(runtime, policies),
         StepUpInterceptor(runtime, policies),
     ]
