@@ -16,6 +16,7 @@ import grpc
 import pytest
 from twofactor.v1 import twofactor_service_pb2_grpc as pb_grpc
 
+from tests.grpc_web import GrpcWebChannel
 from tests.support import (
     Actors,
     TestClock,
@@ -67,6 +68,15 @@ async def channel(server: RunningServer) -> AsyncIterator[grpc.aio.Channel]:
 @pytest.fixture(scope="session")
 def stub(channel: grpc.aio.Channel) -> pb_grpc.TwoFactorServiceAsyncStub:
     return pb_grpc.TwoFactorServiceStub(channel)
+
+
+@pytest.fixture(scope="session")
+async def web_stub(server: RunningServer) -> AsyncIterator[pb_grpc.TwoFactorServiceAsyncStub]:
+    """The same service as `stub`, reached as a browser reaches it: gRPC-Web to the console."""
+    assert server.console is not None
+    channel = GrpcWebChannel(server.console.url)
+    yield pb_grpc.TwoFactorServiceStub(channel)  # type: ignore[call-overload]
+    await channel.close()
 
 
 @pytest.fixture

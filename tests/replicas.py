@@ -37,6 +37,8 @@ class Replica:
     log: Path
     channel: grpc.aio.Channel
     stub: pb_grpc.TwoFactorServiceAsyncStub
+    # The web console's http://host:port/
+    console_url: str
 
 
 def start_replica(
@@ -45,11 +47,14 @@ def start_replica(
     """`twofactor serve` in a process of its own, configured as an operator would (`env`:
     more TWOFACTOR_* settings)."""
     address = f"127.0.0.1:{free_port()}"
+    console = f"127.0.0.1:{free_port()}"
     environment = {k: v for k, v in os.environ.items() if not k.startswith("TWOFACTOR_")}
     environment |= {
         "TWOFACTOR_DATABASE_URL": database_url,
         "TWOFACTOR_ENCRYPTION_KEYS": TEST_ENCRYPTION_KEYS,
         "TWOFACTOR_LISTEN_ADDRESS": address,
+        # Never the default 8080, which a developer's `make run` may hold.
+        "TWOFACTOR_CONSOLE_ADDRESS": console,
         "TWOFACTOR_LOG_LEVEL": "WARNING",
         **(env or {}),
     }
@@ -61,7 +66,8 @@ def start_replica(
             stderr=subprocess.STDOUT,
         )
     channel = grpc.aio.insecure_channel(address)
-    return Replica(process, address, log, channel, pb_grpc.TwoFactorServiceStub(channel))
+    stub = pb_grpc.TwoFactorServiceStub(channel)
+    return Replica(process, address, log, channel, stub, f"http://{console}/")
 
 
 async def wait_serving(replica: Replica) -> None:

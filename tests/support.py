@@ -82,7 +82,11 @@ def temporary_database(server_url: str | None, scratch: Path) -> Iterator[str]:
 
 
 def test_config(**overrides: object) -> Config:
-    base = Config(database_url="postgresql://unused", listen_address="127.0.0.1:0")
+    base = Config(
+        database_url="postgresql://unused",
+        listen_address="127.0.0.1:0",
+        console_address="127.0.0.1:0",
+    )
     return Config(**{**base.__dict__, **overrides})
 
 

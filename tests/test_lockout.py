@@ -405,7 +405,7 @@ def test_the_schedule_sql_applies_matches_the_rule(policy: LockoutPolicy, failur
 
 def test_a_persistent_guesser_gets_about_a_hundred_guesses_a_day() -> None:
     """What the defaults allow an attacker who guesses whenever the account is not locked: the
-    figure README.md, "Security model" quotes."""
+    figure docs/security.md quotes."""
     policy, elapsed, failures = LockoutPolicy(), 0, 0
     while True:
         wait = lockout_delay_seconds(failures, policy)

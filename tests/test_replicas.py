@@ -12,6 +12,7 @@ import functools
 import time
 from pathlib import Path
 
+import aiohttp
 import grpc
 import psutil
 import pyotp
@@ -219,10 +220,13 @@ async def test_workers_share_one_port_and_the_supervisor_stops_with_them(
                 within=START_WITHIN_SECONDS,
                 what="2 worker processes",
             )
-            # New connections land on either worker; every one of them answers.
+            # New connections land on either worker; every one of them answers, on the gRPC
+            # port and on the web console's, which the workers share the same way.
             for _ in range(8):
                 async with grpc.aio.insecure_channel(server.address) as channel:
                     assert await health_status(channel) == health_pb2.HealthCheckResponse.SERVING
+                async with aiohttp.ClientSession() as http, http.get(server.console_url) as page:
+                    assert page.status == 200
             if ending == "worker-dies":
                 _workers(supervisor)[0].kill()
                 status = await asyncio.to_thread(server.process.wait, 20)

@@ -66,6 +66,8 @@ class Config:
     encryption_keys: str | None = None
     encryption_key_file: Path | None = None
     metrics_address: str | None = None
+    # The web console (console/): HTTP, or HTTPS with `tls`; None turns it off.
+    console_address: str | None = "127.0.0.1:8080"
     log_level: str = "INFO"
     tls: TlsConfig | None = None
     max_message_bytes: int = 64 * 1024
@@ -121,6 +123,19 @@ def _certificate_accounts(raw: str | None) -> tuple[tuple[str, str], ...]:
             )
         pairs.append((identity, account))
     return tuple(pairs)
+
+
+def _console_address(env: Mapping[str, str]) -> str | None:
+    """host:port of the web console; an empty value turns it off."""
+    raw = env.get(PREFIX + "CONSOLE_ADDRESS", "127.0.0.1:8080")
+    if raw == "":
+        return None
+    host, _, port = raw.rpartition(":")
+    if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(
+            f"{PREFIX}CONSOLE_ADDRESS must be host:port (empty turns the console off), got {raw!r}"
+        )
+    return raw
 
 
 def load_config(env: Mapping[str, str] | None = None) -> Config:
@@ -184,6 +199,7 @@ def load_config(env: Mapping[str, str] | None = None) -> Config:
         encryption_keys=env.get(PREFIX + "ENCRYPTION_KEYS") or None,
         encryption_key_file=_path(env, "ENCRYPTION_KEY_FILE"),
         metrics_address=env.get(PREFIX + "METRICS_ADDRESS") or None,
+        console_address=_console_address(env),
         log_level=log_level,
         tls=tls,
         workers=_int(env, "WORKERS", 1, 1, 64),

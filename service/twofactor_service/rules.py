@@ -124,7 +124,7 @@ def lockout_delay_seconds(consecutive_failures: int, policy: LockoutPolicy) -> i
     So at most `free_failures - 1` failures in a row go without a lockout, far inside NIST SP
     800-63B's limit of 100. With the defaults (5, 30 s, 15 min) a guesser who waits out every
     lockout still gets 104 guesses in the first day and 96 a day after that
-    (tests/test_lockout.py; README.md, "Security model").
+    (tests/test_lockout.py; docs/security.md).
     """
     over = consecutive_failures - policy.free_failures
     if over < 0:

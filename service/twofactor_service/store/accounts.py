@@ -213,3 +213,18 @@ async def count_locked_out(conn: Connection) -> int:
     """How many accounts are locked out right now (for the metrics, once per scrape)."""
     count: int = await conn.fetchval("SELECT count(*) FROM accounts WHERE locked_until > now()")
     return count
+
+
+async def list_accounts(
+    conn: Connection, *, prefix: str, after: str, limit: int
+) -> list[AccountRecord]:
+    """Accounts whose username key starts with `prefix` (a casefolded text; empty for all), by
+    username key, after a page token. `>= prefix` lets the scan start at the prefix."""
+    rows = await conn.fetch(
+        _SELECT_ACCOUNT + "WHERE a.username_key >= $1 AND a.username_key > $2"
+        " AND starts_with(a.username_key, $1) ORDER BY a.username_key LIMIT $3",
+        prefix,
+        after,
+        limit,
+    )
+    return [_record(r) for r in rows]

@@ -38,6 +38,7 @@ from twofactor_service.transport.call_context import (
     current_target,
 )
 from twofactor_service.transport.client_certificates import mapped_account
+from twofactor_service.transport.forwarded_peer import call_peer
 from twofactor_service.transport.identities import IdentityCache
 
 log = logging.getLogger(__name__)
@@ -265,7 +266,7 @@ class ErrorInterceptor(_OwnMethods):
             request_id = _metadata(context, "x-request-id") or uuid.uuid4().hex
             request_id = request_id[:64]
             context.set_trailing_metadata((("x-request-id", request_id),))
-            call_info.set(CallInfo(method, operation, policy, request_id, context.peer() or ""))
+            call_info.set(CallInfo(method, operation, policy, request_id, call_peer(context)))
             current_actor.set(None)
             current_target.set("")
 

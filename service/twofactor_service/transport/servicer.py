@@ -165,6 +165,16 @@ class TwoFactorServicer(pb_grpc.TwoFactorServiceServicer):
             response.retry_delay.FromSeconds(max(1, round(outcome.retry_after_seconds)))
         return response
 
+    async def ListAccounts(
+        self, request: pb.ListAccountsRequest, context: Context
+    ) -> pb.ListAccountsResponse:
+        records, token = await administration.list_accounts(
+            self.runtime, request.username_prefix, request.page_size, request.page_token
+        )
+        return pb.ListAccountsResponse(
+            accounts=[messages.account_status(r) for r in records], next_page_token=token
+        )
+
     async def GetAccountStatus(
         self, request: pb.GetAccountStatusRequest, context: Context
     ) -> pb.GetAccountStatusResponse:
