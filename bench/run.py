@@ -275,7 +275,7 @@ def service(data_dir: Path, workers: int, name: str) -> Iterator[Server]:
     metrics_port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("TWOFACTOR_")}
     # Pass through only the tuning knobs; the database and the key are the bench's own.
-    for knob in ("TWOFACTOR_DATABASE_POOL_SIZE",):
+    for knob in ("TWOFACTOR_DATABASE_POOL_SIZE", "TWOFACTOR_VERIFY_BATCHES_IN_FLIGHT"):
         if knob in os.environ:
             env[knob] = os.environ[knob]
     env.update(

@@ -78,7 +78,7 @@ class Config:
     password_check_queue: int = 16
     # VerifyCode batches at the database at once (verification.py); calls arriving meanwhile
     # gather for the next batch.
-    verify_batches_in_flight: int = 4
+    verify_batches_in_flight: int = 1
     # How long a resolved caller may be reused without asking PostgreSQL again, at most
     # (transport/identities.py: changes are heard at once; this bounds the worst case).
     identity_cache_seconds: int = 2
@@ -206,7 +206,7 @@ def load_config(env: Mapping[str, str] | None = None) -> Config:
         max_message_bytes=_int(env, "MAX_MESSAGE_BYTES", 64 * 1024, 1024, 4 * 1024 * 1024),
         password_checks=_int(env, "PASSWORD_CHECKS", os.cpu_count() or 1, 1, 256),
         password_check_queue=_int(env, "PASSWORD_CHECK_QUEUE", 16, 0, 10_000),
-        verify_batches_in_flight=_int(env, "VERIFY_BATCHES_IN_FLIGHT", 4, 1, 64),
+        verify_batches_in_flight=_int(env, "VERIFY_BATCHES_IN_FLIGHT", 1, 1, 64),
         identity_cache_seconds=_int(env, "IDENTITY_CACHE_SECONDS", 2, 0, 60),
         client_certificate_accounts=certificate_accounts,
     )
