@@ -29,7 +29,7 @@ from twofactor.v1 import enums_pb2
 from twofactor.v1 import twofactor_service_pb2 as pb
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from seed import PERIOD_SECONDS, BenchAccounts, code_at, secret_of
+from seed import PERIOD_SECONDS, BenchAccounts, code_at
 
 VERIFY_METHOD = "/twofactor.v1.TwoFactorService/VerifyCode"
 SIGN_IN_METHOD = "/twofactor.v1.TwoFactorService/SignIn"
@@ -50,10 +50,13 @@ class CodeSource:
     current-1 is skipped near a step boundary, where the server may already be one step on.
     """
 
-    def __init__(self, names: list[str], margin_seconds: float) -> None:
+    def __init__(
+        self, spec: BenchAccounts, names: list[str], margin_seconds: float, after_step: int
+    ) -> None:
         self.names = names
-        self.secrets = [secret_of(n) for n in names]
-        self.last_step = [-1] * len(names)
+        self.secrets = [spec.secret(n) for n in names]
+        # Steps up to `after_step` may have been used before this run (BENCH_TARGET).
+        self.last_step = [after_step] * len(names)
         self.idle: collections.deque[int] = collections.deque(range(len(names)))
         self.spent: list[int] = []
         self.spent_at = 0
@@ -136,12 +139,12 @@ class Workload:
         self.lockout_share = args.lockout_share
         spec = BenchAccounts.load(Path(args.accounts))
         self.spec = spec
-        mine = [BenchAccounts.user(i) for i in range(args.part, spec.users, args.parts)]
-        self.codes = CodeSource(mine, args.margin)
+        mine = [spec.user(i) for i in range(args.part, spec.users, args.parts)]
+        self.codes = CodeSource(spec, mine, args.margin, args.after_step)
         self.lockout_names = [
             BenchAccounts.lockout_user(i) for i in range(args.part, spec.lockout_users, args.parts)
         ]
-        self.lockout_secrets = [secret_of(n) for n in self.lockout_names]
+        self.lockout_secrets = [spec.secret(n) for n in self.lockout_names]
         self.owed: set[int] = set()
         self.metadata: tuple[tuple[str, str], ...] = ()
         if self.kind in ("verify", "echo"):
@@ -221,9 +224,16 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     workload = Workload(args)
     tally = Tally()
     options = [("grpc.use_local_subchannel_pool", 1)]  # one TCP connection per channel
-    channels = [
-        grpc.aio.insecure_channel(args.target, options=options) for _ in range(args.channels)
-    ]
+    if args.ca_pem:
+        credentials = grpc.ssl_channel_credentials(args.ca_pem)
+        channels = [
+            grpc.aio.secure_channel(args.target, credentials, options=options)
+            for _ in range(args.channels)
+        ]
+    else:
+        channels = [
+            grpc.aio.insecure_channel(args.target, options=options) for _ in range(args.channels)
+        ]
     try:
         await asyncio.wait_for(asyncio.gather(*(c.channel_ready() for c in channels)), timeout=10)
         callables = [
@@ -284,6 +294,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--target", required=True, help="host:port")
+    parser.add_argument("--ca", default="", help="TLS: the server's CA certificate (PEM)")
     parser.add_argument("--kind", choices=["echo", "verify", "signin"], required=True)
     parser.add_argument("--accounts", required=True, help="the JSON file bench/seed.py wrote")
     parser.add_argument("--concurrency", type=int, default=64, help="calls in flight")
@@ -308,7 +319,11 @@ def main() -> None:
     parser.add_argument("--part", type=int, default=0, help="this process's share of accounts")
     parser.add_argument("--parts", type=int, default=1)
     parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument(
+        "--after-step", type=int, default=-1, help="time steps up to this one may be used already"
+    )
     args = parser.parse_args()
+    args.ca_pem = Path(args.ca).read_bytes() if args.ca else None
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a service dependency

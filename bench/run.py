@@ -12,7 +12,9 @@ same load generator, bench/load.py, in separate processes):
   profile    (BENCH_PROFILE=1) py-spy records the server under VerifyCode load
 
 The service runs as `make run` runs it: the embedded PostgreSQL, here in .data/bench (the bench
-owns that folder; .data/ is never touched), seeded with BENCH_ACCOUNTS enrolled accounts.
+owns that folder; .data/ is never touched), seeded with BENCH_ACCOUNTS enrolled accounts, with
+metrics on (the VerifyCode batch sizes are read there). With BENCH_TARGET=host:port the same
+VerifyCode load runs against a deployed service instead (bench/target.py says what it needs).
 Exits non-zero when any call had an unexpected outcome.
 """
 
@@ -28,6 +30,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -35,12 +38,14 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+from prometheus_client.parser import text_string_to_metric_families
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
 from seed import BenchAccounts, reset_counters, seed  # noqa: E402
+from target import Target, note_used_until, prepare_target  # noqa: E402
 
 from twofactor_service.config import Config  # noqa: E402
 from twofactor_service.encryption import load_key_ring  # noqa: E402
@@ -188,24 +193,36 @@ def free_port() -> int:
 
 @dataclass
 class Server:
-    process: subprocess.Popen[bytes]
+    # None for a deployed service (BENCH_TARGET): nothing of it is watched here.
+    process: subprocess.Popen[bytes] | None
     port: int
     log_path: Path
     supervisor: bool  # a parent that only supervises worker processes
+    # Each serving process's Prometheus port (TwoFactorService only).
+    metrics_ports: list[int] = field(default_factory=list)
+    # Where the load goes: this machine's port, or BENCH_TARGET.
+    address: str = ""
+    # BENCH_TARGET_CA: the deployed service's CA certificate, for TLS.
+    ca: str = ""
+
+    def __post_init__(self) -> None:
+        self.address = self.address or f"127.0.0.1:{self.port}"
 
     @property
     def pids(self) -> list[int]:
-        return process_tree(self.process.pid)
+        return process_tree(self.process.pid) if self.process else []
 
     @property
     def serving_pids(self) -> list[int]:
         """The processes that serve calls (not a supervising parent or its helpers)."""
+        if self.process is None:
+            return []
         if not self.supervisor:
             return [self.process.pid]
         return [p for p in _children(self.process.pid) if "resource_tracker" not in _cmdline(p)]
 
     def stop(self) -> None:
-        if self.process.poll() is None:
+        if self.process is not None and self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             try:
                 self.process.wait(30)
@@ -217,7 +234,7 @@ class Server:
 def _wait_for(server: Server, marker: str, within: float = 60.0) -> None:
     deadline = time.monotonic() + within
     while time.monotonic() < deadline:
-        if server.process.poll() is not None:
+        if server.process is None or server.process.poll() is not None:
             break
         text = server.log_path.read_text(errors="replace") if server.log_path.exists() else ""
         if marker in text:
@@ -255,9 +272,10 @@ def echo_server(data_dir: Path, workers: int) -> Iterator[Server]:
 def service(data_dir: Path, workers: int, name: str) -> Iterator[Server]:
     """`twofactor serve` as `make run` starts it, on the bench's data folder."""
     port = free_port()
+    metrics_port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("TWOFACTOR_")}
     # Pass through only the tuning knobs; the database and the key are the bench's own.
-    for knob in ("TWOFACTOR_DATABASE_POOL_SIZE",):
+    for knob in ("TWOFACTOR_DATABASE_POOL_SIZE", "TWOFACTOR_VERIFY_BATCHES_IN_FLIGHT"):
         if knob in os.environ:
             env[knob] = os.environ[knob]
     env.update(
@@ -266,6 +284,9 @@ def service(data_dir: Path, workers: int, name: str) -> Iterator[Server]:
         # The bench measures gRPC; the console stays off (and off 8080).
         TWOFACTOR_CONSOLE_ADDRESS="",
         TWOFACTOR_WORKERS=str(workers),
+        # As deployed: metrics on (worker i serves them on this port + i), and the bench reads
+        # the VerifyCode batch sizes there.
+        TWOFACTOR_METRICS_ADDRESS=f"127.0.0.1:{metrics_port}",
         # The service's default level: the access log writes a line per call, as deployed.
         TWOFACTOR_LOG_LEVEL=_env("BENCH_LOG_LEVEL", "INFO"),
     )
@@ -278,7 +299,8 @@ def service(data_dir: Path, workers: int, name: str) -> Iterator[Server]:
             env=env,
             cwd=ROOT,
         )
-    server = Server(process, port, log_path, supervisor=workers > 1)
+    ports = [metrics_port + i for i in range(workers)]
+    server = Server(process, port, log_path, supervisor=workers > 1, metrics_ports=ports)
     try:
         _wait_for(server, "listening on")
         yield server
@@ -323,10 +345,14 @@ class Result:
     cpu: dict[str, float] = field(default_factory=dict)
     rss_samples: list[tuple[float, float]] = field(default_factory=list)
     worker_cpu: list[float] = field(default_factory=list)
+    # VerifyCode batches settled in the measured window, by size bucket (upper bound, count).
+    batches: list[tuple[float, float]] = field(default_factory=list)
 
     @property
     def rss_text(self) -> str:
         mb = self.peak_rss_mb
+        if not mb:
+            return "n/a"
         text = f"{mb[0]:.0f} MB" if len(mb) == 1 else " + ".join(f"{m:.0f}" for m in mb) + " MB"
         if self.supervisor_rss_mb:
             text += f" (+{self.supervisor_rss_mb:.0f} MB supervisor)"
@@ -356,6 +382,7 @@ def run_load(
     margin: float = 3.0,
     warmup: float | None = None,
     during: Any = None,
+    after_step: int = -1,
 ) -> Result:
     duration = args.duration if duration is None else duration
     warmup = args.warmup if warmup is None else warmup
@@ -368,7 +395,9 @@ def run_load(
             sys.executable,
             str(HERE / "load.py"),
             "--target",
-            f"127.0.0.1:{server.port}",
+            server.address,
+            "--ca",
+            server.ca,
             "--kind",
             kind,
             "--accounts",
@@ -393,16 +422,17 @@ def run_load(
             str(args.clients),
             "--seed",
             str(part),
+            "--after-step",
+            str(after_step),
         ]
         clients.append(subprocess.Popen(command, stdout=subprocess.PIPE))  # noqa: S603
     measure_from = start_at + warmup
     time.sleep(max(0.0, measure_from - time.time()))
-    watched = {
-        "server": server.pids,
-        "postgres": postgres_pids(args.data_dir),
-        "load": [c.pid for c in clients],
-    }
+    watched = {"load": [c.pid for c in clients]}
+    if server.process is not None:  # a deployed service's processes are not here to watch
+        watched |= {"server": server.pids, "postgres": postgres_pids(args.data_dir)}
     before = {k: cpu_seconds(v) for k, v in watched.items()}
+    batches_before = batch_histogram(server)
     workers = server.serving_pids if server.supervisor else []
     workers_before = [cpu_seconds([p]) for p in workers]
     machine_before = machine_busy_seconds()
@@ -411,6 +441,11 @@ def run_load(
         during(server, result, measure_from + duration)
     time.sleep(max(0.0, measure_from + duration - time.time()))
     elapsed = time.time() - began
+    batches_after = batch_histogram(server)
+    result.batches = [
+        (bound, batches_after.get(bound, 0.0) - batches_before.get(bound, 0.0))
+        for bound in sorted(batches_after)
+    ]
     result.cpu = {k: (cpu_seconds(v) - before[k]) / elapsed * 100 for k, v in watched.items()}
     # How the kernel spread the connections (SO_REUSEPORT): each worker's share of the work.
     result.worker_cpu = [
@@ -421,7 +456,7 @@ def run_load(
     result.cpu["other"] = max(0.0, machine - sum(result.cpu.values()))
     pids = server.serving_pids
     result.peak_rss_mb = [memory_kb(p, "VmHWM") / 1024 for p in pids]
-    if server.supervisor:
+    if server.supervisor and server.process is not None:
         result.supervisor_rss_mb = memory_kb(server.process.pid, "VmHWM") / 1024
     latencies: list[float] = []
     for client in clients:
@@ -439,6 +474,49 @@ def run_load(
     result.p50, result.p90, result.p99 = (percentile(latencies, q) for q in (0.5, 0.9, 0.99))
     result.errors = sum(result.unexpected.values())
     return result
+
+
+def batch_histogram(server: Server) -> dict[float, float]:
+    """Cumulative VerifyCode batch counts by size bound (`le`), summed over the processes."""
+    totals: Counter[float] = Counter()
+    for port in server.metrics_ports:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as page:
+            text = page.read().decode("utf-8")
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == "twofactor_verify_batch_size_bucket":
+                    totals[float(sample.labels["le"])] += sample.value
+    return dict(totals)
+
+
+def describe_batches(batches: list[tuple[float, float]]) -> str | None:
+    """'batches: N, mean size M; size 1: a%, 2: b%, 3-4: c%, ...' (shares of calls)."""
+    if not batches or not batches[-1][1]:
+        return None
+    rows, previous_bound, previous_count = [], 0.0, 0.0
+    calls = 0.0
+    for bound, cumulative in batches:
+        count = cumulative - previous_count
+        upper = bound if bound != float("inf") else previous_bound * 2
+        middle = (previous_bound + 1 + upper) / 2
+        calls += count * middle
+        rows.append((previous_bound, bound, count, middle))
+        previous_bound, previous_count = bound, cumulative
+    total = batches[-1][1]
+    shares = []
+    for low, high, count, middle in rows:
+        if not count:
+            continue
+        name = (
+            f"{int(high)}"
+            if high == low + 1
+            else f"{int(low) + 1}-" + (f"{int(high)}" if high != float("inf") else "")
+        )
+        shares.append(f"{name}: {count * middle / calls * 100:.0f}%")
+    return (
+        f"   batches: {total:.0f}, mean size ~{calls / total:.1f}; calls by batch size: "
+        + ", ".join(shares)
+    )
 
 
 def describe(result: Result) -> str:
@@ -461,6 +539,9 @@ def describe(result: Result) -> str:
             if k != "other" and v >= 0.5
         )
         lines.append(f"   cpu per call: {per_call}")
+    batches = describe_batches(result.batches)
+    if batches:
+        lines.append(batches)
     if result.starved:
         lines.append(f"   waited {result.starved} times for a fresh code (raise BENCH_ACCOUNTS)")
     for problem, count in result.unexpected.most_common(5):
@@ -555,10 +636,39 @@ def summarize_profile(path: Path, top: int = 25) -> str:
     return "\n".join(lines)
 
 
+def run_against_target(args: argparse.Namespace, target: Target) -> int:
+    """BENCH_TARGET: VerifyCode's load against a deployed service (bench/target.py); its
+    processes are not on this machine, so only the latency, the throughput and the outcomes are
+    reported, and no ratio (the bare echo server runs here, not there)."""
+    count = int(_env("BENCH_TARGET_ACCOUNTS", "2000"))
+    state_file = args.data_dir / f"target-{target.address.replace(':', '_')}.json"
+    accounts = prepare_target(target, count, state_file)
+    accounts.save(args.data_dir / "accounts.json")
+    print(f"target {target.address}: {accounts.users} bench accounts ({state_file})", flush=True)
+    remote = Server(None, 0, state_file, False, address=target.address, ca=target.ca)
+    result = run_load(
+        args,
+        remote,
+        "verify",
+        Result(f"verify at {target.address}", 0),
+        after_step=accounts.used_until_step,
+    )
+    # The codes of this run used steps up to the one after its end.
+    note_used_until(state_file, int(time.time()) // 30 + 1)
+    print(describe(result), flush=True)
+    print(flush=True)
+    print(summary_table({"target": result}), flush=True)
+    print("ratio: n/a (BENCH_TARGET: the bare gRPC server runs only on this machine)")
+    return 1 if result.errors else 0
+
+
 def main() -> int:
     args = parse_args()
     began = time.monotonic()
     args.data_dir.mkdir(parents=True, exist_ok=True)
+    target = Target.from_environment()
+    if target is not None:
+        return run_against_target(args, target)
     phases = [p.strip() for p in args.phases.split(",") if p.strip()]
     unknown = set(phases) - set(PHASES)
     if unknown:

@@ -10,6 +10,7 @@ KeyRing, as the service would seal them.
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import hmac
 import json
@@ -40,14 +41,30 @@ class BenchAccounts:
     lockout_users: int
     password: str
     verifier_token: str
+    # Against a deployed service (BENCH_TARGET, bench/target.py): the accounts' names and their
+    # base32 secrets as enrollment handed them out. Locally both are derived from the index.
+    named_secrets: dict[str, str] | None = None
+    # Time steps up to this one may have been used already (by enrollment, or the last run).
+    used_until_step: int = -1
 
-    @staticmethod
-    def user(index: int) -> str:
-        return f"bench-user-{index:06d}"
+    def user(self, index: int) -> str:
+        if self.named_secrets is not None:
+            return self._names[index]
+        return user_name(index)
+
+    @functools.cached_property
+    def _names(self) -> list[str]:
+        return sorted(self.named_secrets or ())
 
     @staticmethod
     def lockout_user(index: int) -> str:
         return f"bench-lockout-{index:03d}"
+
+    def secret(self, username: str) -> bytes:
+        if self.named_secrets is not None:
+            encoded = self.named_secrets[username]
+            return base64.b32decode(encoded + "=" * (-len(encoded) % 8))
+        return secret_of(username)
 
     def save(self, path: Path) -> None:
         path.write_text(json.dumps(asdict(self)))
@@ -56,6 +73,10 @@ class BenchAccounts:
     @classmethod
     def load(cls, path: Path) -> BenchAccounts:
         return cls(**json.loads(path.read_text()))
+
+
+def user_name(index: int) -> str:
+    return f"bench-user-{index:06d}"
 
 
 def secret_of(username: str) -> bytes:
@@ -85,7 +106,7 @@ async def seed(
     await migrate(conn)
     password_hash = hash_password(PASSWORD)
     async with conn.transaction():
-        names = [BenchAccounts.user(i) for i in range(users)]
+        names = [user_name(i) for i in range(users)]
         names += [BenchAccounts.lockout_user(i) for i in range(lockout_users)]
         rows = await conn.fetch(
             """

@@ -100,9 +100,9 @@ async def test_a_sign_in_flood_leaves_verify_code_within_three_times_its_idle_la
     finally:
         assert await stop_replica(replica) == 0, replica.log.read_text()
 
-    # The flood was one: guesses were checked, and the rest were shed at once.
-    assert answers["INVALID_CREDENTIALS"] > 0, answers
-    assert answers["PASSWORD_CHECKS_BUSY"] > answers["INVALID_CREDENTIALS"], answers
+    # The flood was one: the ration of password checks was full, and the rest were shed at once
+    # (the guesses admitted are checked at the lowest CPU priority, when the CPU is free).
+    assert answers["PASSWORD_CHECKS_BUSY"] > 0, answers
     assert set(answers) <= {"INVALID_CREDENTIALS", "PASSWORD_CHECKS_BUSY"}, answers
     assert flooded <= 3 * idle, (f"idle median {idle * 1000:.1f} ms", f"{flooded * 1000:.1f} ms")
 

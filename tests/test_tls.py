@@ -28,12 +28,20 @@ from twofactor.v1 import enums_pb2
 from twofactor.v1 import twofactor_service_pb2 as pb
 from twofactor.v1 import twofactor_service_pb2_grpc as pb_grpc
 
-from tests.support import TEST_ENCRYPTION_KEYS, Actors, health_status
+from tests.support import (
+    TEST_ENCRYPTION_KEYS,
+    VERIFY_RIGHT,
+    Actors,
+    Person,
+    audit_events,
+    health_status,
+)
 from twofactor_service.config import ConfigError, load_config
 from twofactor_service.runtime import Runtime
 from twofactor_service.server import start_server
 
 Key = ec.EllipticCurvePrivateKey
+BACKEND_SPIFFE_ID = "spiffe://example.test/ns/prod/sa/billing"
 
 
 def _name(common_name: str) -> x509.Name:
@@ -81,7 +89,7 @@ def _new_ca(name: str) -> tuple[x509.Certificate, Key]:
 
 
 def _issue(
-    ca: tuple[x509.Certificate, Key], subject: str, *, server: bool
+    ca: tuple[x509.Certificate, Key], subject: str, *, server: bool, uri: str | None = None
 ) -> tuple[x509.Certificate, Key]:
     key = ec.generate_private_key(ec.SECP256R1())
     usage = ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH
@@ -89,8 +97,12 @@ def _issue(
     def build(b: x509.CertificateBuilder) -> x509.CertificateBuilder:
         b = b.add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         b = b.add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+        names: list[x509.GeneralName] = []
         if server:
             names = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+        if uri:
+            names.append(x509.UniformResourceIdentifier(uri))
+        if names:
             b = b.add_extension(x509.SubjectAlternativeName(names), critical=False)
         return b
 
@@ -119,6 +131,8 @@ class Pki:
     # (private key, certificate chain) of clients, as grpc.ssl_channel_credentials takes them.
     client: tuple[bytes, bytes]
     stranger: tuple[bytes, bytes]
+    # A backend's certificate naming it by a SPIFFE id (URI SAN).
+    backend: tuple[bytes, bytes]
 
 
 @pytest.fixture(scope="module")
@@ -130,6 +144,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     server_cert, server_key = _issue(ca, "twofactor-service", server=True)
     client_cert, client_key = _issue(ca, "console-backend", server=False)
     stranger_cert, stranger_key = _issue(other_ca, "console-backend", server=False)
+    backend_cert, backend_key = _issue(ca, "billing", server=False, uri=BACKEND_SPIFFE_ID)
     files = {
         "ca.pem": _pem(ca[0]),
         "server.pem": _pem(server_cert),
@@ -145,6 +160,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
         other_ca=_pem(other_ca[0]),
         client=(_key_pem(client_key), _pem(client_cert)),
         stranger=(_key_pem(stranger_key), _pem(stranger_cert)),
+        backend=(_key_pem(backend_key), _pem(backend_cert)),
     )
 
 
@@ -160,9 +176,14 @@ def _tls_env(pki: Pki, *, mutual: bool) -> dict[str, str]:
 
 async def _serve(runtime: Runtime, env: dict[str, str]) -> AsyncIterator[str]:
     """The service with the TLS part of its configuration read from `env`; yields its address."""
-    tls = load_config(env).tls
-    assert tls is not None
-    config = dataclasses.replace(runtime.config, tls=tls)
+    loaded = load_config(env)
+    assert loaded.tls is not None
+    config = dataclasses.replace(
+        runtime.config,
+        tls=loaded.tls,
+        client_certificate_accounts=loaded.client_certificate_accounts,
+    )
+    runtime = Runtime(config, runtime.pool, runtime.key_ring, runtime.clock)
     running = await start_server(config, runtime.pool, runtime.key_ring, runtime=runtime)
     try:
         yield f"127.0.0.1:{running.port}"
@@ -313,6 +334,68 @@ def test_serve_names_a_missing_certificate_file(
     assert done.returncode == 3, done.stderr  # the CLI's exit status for configuration errors
     assert "configuration error: TWOFACTOR_TLS_CERT_FILE" in done.stderr
     assert "missing.pem" in done.stderr
+
+
+# --- Service identity over mTLS: a mapped client certificate calls as its service account.
+
+
+async def _verify_with_certificate(
+    address: str, pki: Pki, client: tuple[bytes, bytes], person: Person
+) -> pb.VerifyCodeResponse:
+    async with _secure(address, pki.ca, client) as channel:
+        stub = pb_grpc.TwoFactorServiceStub(channel)
+        response: pb.VerifyCodeResponse = await stub.VerifyCode(
+            pb.VerifyCodeRequest(username=person.username, code=person.next_code()), timeout=5
+        )
+        return response
+
+
+async def test_a_mapped_client_certificate_verifies_codes_without_a_session(
+    runtime: Runtime, pki: Pki, actors: Actors
+) -> None:
+    backend = await actors.create("billing", excluded=True, rights=(VERIFY_RIGHT,))
+    env = _tls_env(pki, mutual=True) | {
+        "TWOFACTOR_CLIENT_CERTIFICATE_ACCOUNTS": f"{BACKEND_SPIFFE_ID}={backend.username}"
+    }
+    bob = await actors.user()
+    async for address in _serve(runtime, env):
+        response = await _verify_with_certificate(address, pki, pki.backend, bob)
+        assert response.result == enums_pb2.VERIFY_CODE_RESULT_OK
+
+        # A certificate from the same CA but not mapped is only a transport: it needs a session.
+        with pytest.raises(grpc.aio.AioRpcError) as failure:
+            await _verify_with_certificate(address, pki, pki.client, bob)
+        assert failure.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+    admin = await actors.admin()
+    [event, *_] = await audit_events(
+        actors.stub, admin, target_username=bob.username, operation="VerifyCode"
+    )
+    assert event.actor == backend.username
+
+
+async def test_a_certificate_mapped_to_an_account_that_is_not_a_service_account_is_refused(
+    runtime: Runtime, pki: Pki, actors: Actors
+) -> None:
+    """A person's account keeps its second factor: a certificate mapped to it opens nothing."""
+    person = await actors.create("person", rights=(VERIFY_RIGHT,))
+    env = _tls_env(pki, mutual=True) | {
+        "TWOFACTOR_CLIENT_CERTIFICATE_ACCOUNTS": f"{BACKEND_SPIFFE_ID}={person.username}"
+    }
+    bob = await actors.user()
+    async for address in _serve(runtime, env):
+        with pytest.raises(grpc.aio.AioRpcError) as failure:
+            await _verify_with_certificate(address, pki, pki.backend, bob)
+    assert failure.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert "not a service account" in (failure.value.details() or "")
+
+
+def test_certificate_accounts_without_mutual_tls_are_a_configuration_error(pki: Pki) -> None:
+    env = _tls_env(pki, mutual=False) | {
+        "TWOFACTOR_CLIENT_CERTIFICATE_ACCOUNTS": f"{BACKEND_SPIFFE_ID}=billing"
+    }
+    with pytest.raises(ConfigError, match="TWOFACTOR_TLS_CLIENT_CA_FILE"):
+        load_config(env)
 
 
 # --- The web console serves HTTPS with the same settings (TWOFACTOR_TLS_*).

@@ -12,7 +12,7 @@ import pytest
 from twofactor.v1 import twofactor_service_pb2 as pb
 from twofactor.v1 import twofactor_service_pb2_grpc as pb_grpc
 
-from tests.support import Actors, access_lines, error_reason
+from tests.support import Actors, access_lines, error_reason, wait_until
 from twofactor_service.policy import SERVICE
 
 # Each one breaks the wire format of any message: a truncated length-delimited field, a
@@ -50,7 +50,13 @@ async def test_bytes_that_are_not_the_request_are_a_bad_argument(
         assert failure.value.code() == grpc.StatusCode.INVALID_ARGUMENT, body
         assert error_reason(failure.value) == "MALFORMED_REQUEST"
         assert failure.value.details() == f"the request body is not a valid {message_type} message"
-        # One access-log line like any other call's, and nothing logged as an error.
+
+        # One access-log line like any other call's (written as the call ends on the server,
+        # just after the client has its answer), and nothing logged as an error.
+        async def logged() -> bool:
+            return bool(access_lines(log_lines, method))
+
+        await wait_until(logged, within=5, what=f"the access log line of {method}")
         [line] = access_lines(log_lines, method)
         assert line["code"] == "INVALID_ARGUMENT"
         records = [json.loads(text) for text in log_lines]

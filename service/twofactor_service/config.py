@@ -78,7 +78,13 @@ class Config:
     password_check_queue: int = 16
     # VerifyCode batches at the database at once (verification.py); calls arriving meanwhile
     # gather for the next batch.
-    verify_batches_in_flight: int = 4
+    verify_batches_in_flight: int = 1
+    # How long a resolved caller may be reused without asking PostgreSQL again, at most
+    # (transport/identities.py: changes are heard at once; this bounds the worst case).
+    identity_cache_seconds: int = 2
+    # mTLS: client certificate identities (a URI SAN such as a SPIFFE id, or "CN=<name>") and
+    # the service account each one calls as, without a session (transport/client_certificates.py).
+    client_certificate_accounts: tuple[tuple[str, str], ...] = ()
 
     @property
     def embedded_database(self) -> bool:
@@ -101,6 +107,22 @@ def _int(env: Mapping[str, str], name: str, default: int, low: int, high: int) -
 def _path(env: Mapping[str, str], name: str) -> Path | None:
     raw = env.get(PREFIX + name)
     return Path(raw) if raw else None
+
+
+def _certificate_accounts(raw: str | None) -> tuple[tuple[str, str], ...]:
+    """ "identity=account,identity=account"; the account is what follows the last "="."""
+    pairs = []
+    for item in (raw or "").split(","):
+        if not item.strip():
+            continue
+        identity, sep, account = item.strip().rpartition("=")
+        if not sep or not identity or not account:
+            raise ConfigError(
+                f"{PREFIX}CLIENT_CERTIFICATE_ACCOUNTS: {item.strip()!r} is not identity=account "
+                "(identity: a URI SAN such as spiffe://example.org/backend, or CN=<name>)"
+            )
+        pairs.append((identity, account))
+    return tuple(pairs)
 
 
 def _console_address(env: Mapping[str, str]) -> str | None:
@@ -149,6 +171,12 @@ def load_config(env: Mapping[str, str] | None = None) -> Config:
         raise ConfigError(
             f"{PREFIX}TLS_CLIENT_CA_FILE needs {PREFIX}TLS_CERT_FILE and {PREFIX}TLS_KEY_FILE"
         )
+    certificate_accounts = _certificate_accounts(env.get(PREFIX + "CLIENT_CERTIFICATE_ACCOUNTS"))
+    if certificate_accounts and not client_ca:
+        raise ConfigError(
+            f"{PREFIX}CLIENT_CERTIFICATE_ACCOUNTS needs {PREFIX}TLS_CLIENT_CA_FILE: without mTLS "
+            "no client certificate is verified"
+        )
     tls_files = {"TLS_CERT_FILE": cert, "TLS_KEY_FILE": key, "TLS_CLIENT_CA_FILE": client_ca}
     for name, path in tls_files.items():
         # Checked now, so a wrong path is reported as such and before the database is touched.
@@ -178,5 +206,7 @@ def load_config(env: Mapping[str, str] | None = None) -> Config:
         max_message_bytes=_int(env, "MAX_MESSAGE_BYTES", 64 * 1024, 1024, 4 * 1024 * 1024),
         password_checks=_int(env, "PASSWORD_CHECKS", os.cpu_count() or 1, 1, 256),
         password_check_queue=_int(env, "PASSWORD_CHECK_QUEUE", 16, 0, 10_000),
-        verify_batches_in_flight=_int(env, "VERIFY_BATCHES_IN_FLIGHT", 4, 1, 64),
+        verify_batches_in_flight=_int(env, "VERIFY_BATCHES_IN_FLIGHT", 1, 1, 64),
+        identity_cache_seconds=_int(env, "IDENTITY_CACHE_SECONDS", 2, 0, 60),
+        client_certificate_accounts=certificate_accounts,
     )

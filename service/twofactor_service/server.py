@@ -1,4 +1,4 @@
-"""Assembles the gRPC server: the servicer behind its interceptors, health checking,
+"""Assembles the gRPC server: the servicer behind its call pipeline, health checking,
 reflection, TLS, and a graceful stop."""
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import grpc
@@ -27,9 +28,10 @@ from twofactor_service.listen import AddressUnavailable, ensure_can_listen
 from twofactor_service.policy import SERVICE, load_policies
 from twofactor_service.runtime import Runtime
 from twofactor_service.store import database
-from twofactor_service.transport.access_log import AccessLogInterceptor
-from twofactor_service.transport.interceptors import interceptors
-from twofactor_service.transport.metrics import MetricsEndpoint, MetricsInterceptor, serve_metrics
+from twofactor_service.transport import access_log, metrics
+from twofactor_service.transport.identities import IdentityCache, listen
+from twofactor_service.transport.metrics import MetricsEndpoint, serve_metrics
+from twofactor_service.transport.pipeline import Pipeline, PipelineServer
 from twofactor_service.transport.reflection import enable_reflection
 from twofactor_service.transport.servicer import TwoFactorServicer
 
@@ -82,6 +84,8 @@ class RunningServer:
     sealer: asyncio.Task[None] | None = field(default=None)
     # Forgets idle failure counts (housekeeping.py).
     housekeeper: asyncio.Task[None] | None = field(default=None)
+    # Hears which callers changed, for the identity cache (transport/identities.py).
+    identity_listener: asyncio.Task[None] | None = field(default=None)
     # The web console, when TWOFACTOR_CONSOLE_ADDRESS is set (the default).
     console: ConsoleEndpoint | None = field(default=None)
 
@@ -91,7 +95,7 @@ class RunningServer:
         self.watcher.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self.watcher
-        for task in (self.sealer, self.housekeeper):
+        for task in (self.sealer, self.housekeeper, self.identity_listener):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -128,22 +132,24 @@ async def start_server(
     config: Config, pool: asyncpg.Pool, key_ring: KeyRing, *, runtime: Runtime | None = None
 ) -> RunningServer:
     runtime = runtime or Runtime(config=config, pool=pool, key_ring=key_ring)
-    # Outermost first: the metrics and the access log see the status the client gets.
-    observers: list[grpc.aio.ServerInterceptor] = [AccessLogInterceptor()]
+    # Every method's handler passes through the call pipeline, wrapped once as it is registered.
+    reporters = [access_log.reporter]
     if config.metrics_address:
-        observers.insert(0, MetricsInterceptor())
+        reporters.insert(0, metrics.reporter)
+    identities = IdentityCache(config.identity_cache_seconds)
+    pipeline = Pipeline(runtime, load_policies(), identities, reporters)
     server = grpc.aio.server(
-        interceptors=[*observers, *interceptors(runtime, load_policies())],
         options=[
             ("grpc.max_receive_message_length", config.max_message_bytes),
             ("grpc.so_reuseport", 1 if config.workers > 1 else 0),
             ("grpc.keepalive_permit_without_calls", 1),
         ],
     )
-    pb_grpc.add_TwoFactorServiceServicer_to_server(TwoFactorServicer(runtime), server)
+    registry: Any = PipelineServer(server, pipeline)  # as the generated functions take a server
+    pb_grpc.add_TwoFactorServiceServicer_to_server(TwoFactorServicer(runtime), registry)
     health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    enable_reflection(server, (SERVICE.full_name, health.SERVICE_NAME))
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, registry)
+    enable_reflection(registry, (SERVICE.full_name, health.SERVICE_NAME))
     credentials = _credentials(config)
     ensure_can_listen(config.listen_address, LISTEN_VARIABLE, reuse_port=config.workers > 1)
     try:
@@ -179,6 +185,7 @@ async def start_server(
     watcher = asyncio.create_task(_watch_database(pool, health_servicer))
     sealer = asyncio.create_task(seal_periodically(pool))
     housekeeper = asyncio.create_task(keep_house(pool, config.lockout))
+    listener = asyncio.create_task(listen(identities, pool))
     return RunningServer(
         server,
         port,
@@ -187,5 +194,6 @@ async def start_server(
         endpoint,
         sealer=sealer,
         housekeeper=housekeeper,
+        identity_listener=listener,
         console=console,
     )

@@ -7,6 +7,8 @@ import secrets
 from dataclasses import dataclass
 from datetime import datetime
 
+import asyncpg
+
 from twofactor_service.rules import AccountKind
 from twofactor_service.store.database import Connection
 
@@ -42,28 +44,39 @@ async def open_session(
 
 @dataclass(frozen=True)
 class SessionActor:
+    """Who calls with a session (or, session-less, with a client certificate's account)."""
+
     account_id: int
     username: str
     kind: AccountKind
     protected: bool
+    excluded: bool
     signed_in_with_two_factor: bool
     has_active_key: bool
     rights: frozenset[tuple[str, str]]
     idle_seconds: float
+    # When the session ends (seconds since the epoch); None without a session.
+    expires_at: float | None
+
+
+_ACTOR_COLUMNS = """
+       a.id, a.username, a.kind, a.protected, a.excluded,
+       EXISTS (SELECT 1 FROM secret_keys k
+               WHERE k.account_id = a.id AND k.state = 'ACTIVE') AS has_active_key,
+       array(SELECT functional_area FROM account_rights r WHERE r.account_id = a.id
+             ORDER BY functional_area, permission) AS right_areas,
+       array(SELECT permission FROM account_rights r WHERE r.account_id = a.id
+             ORDER BY functional_area, permission) AS right_permissions
+"""
 
 
 async def resolve(conn: Connection, hashed: bytes, idle_limit_seconds: int) -> SessionActor | None:
     """The live session's account, rights and key state, in one round trip."""
     row = await conn.fetchrow(
-        """
-        SELECT a.id, a.username, a.kind, a.protected, s.signed_in_with_two_factor,
-               EXISTS (SELECT 1 FROM secret_keys k
-                       WHERE k.account_id = a.id AND k.state = 'ACTIVE') AS has_active_key,
-               array(SELECT functional_area FROM account_rights r WHERE r.account_id = a.id
-                     ORDER BY functional_area, permission) AS right_areas,
-               array(SELECT permission FROM account_rights r WHERE r.account_id = a.id
-                     ORDER BY functional_area, permission) AS right_permissions,
-               extract(epoch FROM now() - s.last_seen_at)::float8 AS idle_seconds
+        f"""
+        SELECT {_ACTOR_COLUMNS}, s.signed_in_with_two_factor,
+               extract(epoch FROM now() - s.last_seen_at)::float8 AS idle_seconds,
+               extract(epoch FROM s.expires_at)::float8 AS expires_at
         FROM sessions s JOIN accounts a ON a.id = s.account_id
         WHERE s.token_hash = $1 AND s.expires_at > now()
           AND s.last_seen_at > now() - make_interval(secs => $2)
@@ -71,17 +84,34 @@ async def resolve(conn: Connection, hashed: bytes, idle_limit_seconds: int) -> S
         hashed,
         idle_limit_seconds,
     )
-    if row is None:
-        return None
+    return _actor(row) if row else None
+
+
+async def resolve_account(conn: Connection, username_key: str) -> SessionActor | None:
+    """An account as a session-less caller (a client certificate's), in one round trip."""
+    row = await conn.fetchrow(
+        f"""
+        SELECT {_ACTOR_COLUMNS}, false AS signed_in_with_two_factor,
+               0::float8 AS idle_seconds, NULL::float8 AS expires_at
+        FROM accounts a WHERE a.username_key = $1
+        """,
+        username_key,
+    )
+    return _actor(row) if row else None
+
+
+def _actor(row: asyncpg.Record) -> SessionActor:
     return SessionActor(
         account_id=row["id"],
         username=row["username"],
         kind=AccountKind(row["kind"]),
         protected=row["protected"],
+        excluded=row["excluded"],
         signed_in_with_two_factor=row["signed_in_with_two_factor"],
         has_active_key=row["has_active_key"],
         rights=frozenset(zip(row["right_areas"], row["right_permissions"], strict=True)),
         idle_seconds=row["idle_seconds"],
+        expires_at=row["expires_at"],
     )
 
 

@@ -9,8 +9,7 @@ import logging
 import grpc
 
 from twofactor_service.transport.call_context import call_info
-from twofactor_service.transport.completion import ObservingInterceptor, Report
-from twofactor_service.transport.interceptors import Context, Handler
+from twofactor_service.transport.pipeline import Context, Report
 
 log = logging.getLogger("twofactor_service.access")
 
@@ -26,31 +25,30 @@ def _request_id_sent(context: Context) -> str:
     return ""
 
 
-class AccessLogInterceptor(ObservingInterceptor):
-    """Outside the ErrorInterceptor, so it logs the status the client gets and the request id
-    that interceptor settled on (the caller's x-request-id, or a new one)."""
+def reporter(method: str, kind: str) -> Report:
+    """The access log line of one method's calls, written as each call ends with the status the
+    client gets and the request id the pipeline settled on (the caller's x-request-id, or a new
+    one)."""
+    level = logging.DEBUG if method.startswith(_QUIET_PREFIXES) else logging.INFO
 
-    def reporter(self, handler: Handler, method: str) -> Report:
-        level = logging.DEBUG if method.startswith(_QUIET_PREFIXES) else logging.INFO
+    def report(context: Context, code: grpc.StatusCode, seconds: float) -> None:
+        if not log.isEnabledFor(level):
+            return
+        info = call_info.get(None)
+        if info is not None and info.method == method:
+            request_id, peer = info.request_id, info.peer
+        else:  # not one of TwoFactorService's methods: no request id was settled on
+            request_id, peer = _request_id_sent(context), context.peer() or ""
+        log.log(
+            level,
+            "rpc",
+            extra={
+                "method": method,
+                "code": code.name,
+                "duration_ms": round(seconds * 1000, 3),
+                "request_id": request_id,
+                "peer": peer,
+            },
+        )
 
-        def report(context: Context, code: grpc.StatusCode, seconds: float) -> None:
-            if not log.isEnabledFor(level):
-                return
-            info = call_info.get(None)
-            if info is not None and info.method == method:
-                request_id, peer = info.request_id, info.peer
-            else:  # not one of TwoFactorService's methods: no request id was settled on
-                request_id, peer = _request_id_sent(context), context.peer() or ""
-            log.log(
-                level,
-                "rpc",
-                extra={
-                    "method": method,
-                    "code": code.name,
-                    "duration_ms": round(seconds * 1000, 3),
-                    "request_id": request_id,
-                    "peer": peer,
-                },
-            )
-
-        return report
+    return report

@@ -1,9 +1,9 @@
 """Prometheus metrics, served over HTTP on TWOFACTOR_METRICS_ADDRESS (off when unset).
 
 - `grpc_server_handled_total` and `grpc_server_handling_seconds`, by service, method, call type
-  and final status code (the go-grpc-prometheus names, so stock gRPC dashboards work). The
-  interceptor is the outermost one, so it counts the status the client gets, including the
-  aborts of the ErrorInterceptor.
+  and final status code (the go-grpc-prometheus names, so stock gRPC dashboards work). They are
+  reported by the outermost step of the call pipeline, so they count the status the client
+  gets, including the refusals of the error step.
 - `twofactor_verify_code_outcomes_total` by outcome: valid, invalid, replayed, locked (O7).
 - `twofactor_verify_batch_size`: how many VerifyCode calls shared each pair of round trips
   (verification.py's group commit).
@@ -24,6 +24,7 @@ import logging
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 from wsgiref.simple_server import WSGIServer
 
 import asyncpg
@@ -42,8 +43,7 @@ from prometheus_client.registry import Collector
 from twofactor_service.code_checks import CodeCheck
 from twofactor_service.config import ConfigError
 from twofactor_service.store import accounts
-from twofactor_service.transport.completion import ObservingInterceptor, Report, call_type
-from twofactor_service.transport.interceptors import Context, Handler
+from twofactor_service.transport.pipeline import Context, Report
 
 log = logging.getLogger(__name__)
 
@@ -96,17 +96,21 @@ def observe_verify_batch(size: int) -> None:
     VERIFY_BATCH_SIZE.observe(size)
 
 
-class MetricsInterceptor(ObservingInterceptor):
-    def reporter(self, handler: Handler, method: str) -> Report:
-        service, _, name = method.lstrip("/").rpartition("/")
-        kind = call_type(handler)
+def reporter(method: str, kind: str) -> Report:
+    """The two RPC metrics of one method's calls, counted as each call ends with the status the
+    client gets. The children of a method's labels are looked up once per status code."""
+    service, _, name = method.lstrip("/").rpartition("/")
+    children: dict[grpc.StatusCode, tuple[Any, Any]] = {}
 
-        def report(context: Context, code: grpc.StatusCode, seconds: float) -> None:
+    def report(context: Context, code: grpc.StatusCode, seconds: float) -> None:
+        counted = children.get(code)
+        if counted is None:
             labels = (service, name, kind, code.name)
-            RPC_HANDLED.labels(*labels).inc()
-            RPC_DURATION.labels(*labels).observe(seconds)
+            counted = children[code] = (RPC_HANDLED.labels(*labels), RPC_DURATION.labels(*labels))
+        counted[0].inc()
+        counted[1].observe(seconds)
 
-        return report
+    return report
 
 
 class DatabaseCollector(Collector):
