@@ -28,7 +28,7 @@ from twofactor_service import errors, rules
 from twofactor_service.encryption import DecryptionFailed
 from twofactor_service.runtime import Runtime
 from twofactor_service.sign_in import verify_step_up
-from twofactor_service.store import audit, sessions
+from twofactor_service.store import audit, database, sessions
 from twofactor_service.transport.call_context import (
     CallInfo,
     call_info,
@@ -136,21 +136,7 @@ def _as_domain_error(exc: BaseException) -> errors.TwoFactorError | None:
     # SQLSTATE classes, not messages (asyncpg's exception hierarchy follows them).
     if isinstance(exc, asyncpg.SerializationError | asyncpg.DeadlockDetectedError):
         return errors.Conflict()
-    if isinstance(
-        exc,
-        asyncpg.PostgresConnectionError
-        | asyncpg.InterfaceError
-        | asyncpg.CannotConnectNowError
-        | asyncpg.AdminShutdownError
-        | asyncpg.CrashShutdownError
-        # A shutdown's FATAL message can reach an idle pooled connection before its socket
-        # closes; the next statement on it then fails with asyncpg's protocol-state error.
-        | asyncpg.InternalClientError
-        | asyncpg.TooManyConnectionsError
-        | ConnectionError
-        | OSError
-        | TimeoutError,
-    ):
+    if database.is_unavailable(exc):
         return errors.DatabaseUnavailable()
     return None
 
