@@ -12,18 +12,20 @@ case (docs/high-availability.md) names a dead host first, as after a failover.
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import tempfile
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
 
 import asyncpg
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from twofactor.v1 import enums_pb2
 from twofactor.v1 import twofactor_service_pb2 as pb
 
@@ -214,6 +216,28 @@ async def test_a_read_only_database_is_an_outage_until_it_can_write_again(scene:
         metadata=scene.admin.metadata(),
     )
     assert reset.status.state == enums_pb2.TWO_FACTOR_STATE_ALLOWLISTED
+
+
+async def test_health_watch_streams_not_serving_and_serving_again(scene: Scene) -> None:
+    """Watch is what client-side health checking (gRFC A17) and load balancers stream."""
+    # The generated health stub has no type hints for its methods.
+    health: Any = health_pb2_grpc.HealthStub(scene.service.channel)
+    updates = health.Watch(health_pb2.HealthCheckRequest(service=SERVICE.full_name))
+
+    async def until(expected: int) -> None:
+        async with asyncio.timeout(HEALTH_WITHIN_SECONDS):
+            async for update in updates:
+                if update.status == expected:
+                    return
+
+    try:
+        await until(SERVING)
+        await _set_read_only(scene.admin_url, scene.database_name, read_only=True)
+        await until(NOT_SERVING)
+        await _set_read_only(scene.admin_url, scene.database_name, read_only=False)
+        await until(SERVING)
+    finally:
+        updates.cancel()
 
 
 async def test_background_sealing_resumes_after_the_database_was_read_only(scene: Scene) -> None:

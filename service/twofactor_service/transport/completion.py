@@ -8,6 +8,7 @@ statuses (`context.code()` holds what `abort()` or `set_code()` chose).
 from __future__ import annotations
 
 import asyncio
+import inspect
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, cast
@@ -64,6 +65,25 @@ def observed(handler: Handler, report: Report) -> Handler:
 
         return grpc.unary_unary_rpc_method_handler(
             unary, handler.request_deserializer, handler.response_serializer
+        )
+    if handler.unary_stream is not None and inspect.iscoroutinefunction(handler.unary_stream):
+        # A stream written with `await context.write(...)`, not yielded: health's Watch, which
+        # load balancers and client-side health checking (gRFC A17) call.
+        inner_writer = cast(UnaryBehaviour, handler.unary_stream)
+
+        async def writer(request: Message, context: Context) -> None:
+            started = time.perf_counter()
+            failure: BaseException | None = None
+            try:
+                await inner_writer(request, context)
+            except BaseException as exc:
+                failure = exc
+                raise
+            finally:
+                report(context, final_code(context, failure), time.perf_counter() - started)
+
+        return grpc.unary_stream_rpc_method_handler(
+            writer, handler.request_deserializer, handler.response_serializer
         )
     if handler.unary_stream is not None:
         inner_stream = cast(StreamBehaviour, handler.unary_stream)
