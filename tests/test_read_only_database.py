@@ -13,6 +13,7 @@ case (docs/high-availability.md) names a dead host first, as after a failover.
 from __future__ import annotations
 
 import asyncio
+import shutil
 import socket
 import tempfile
 import uuid
@@ -41,6 +42,7 @@ from tests.support import (
     scratch_database,
     wait_until,
 )
+from tests.test_faults import OwnPostgres
 from twofactor_service.policy import SERVICE
 from twofactor_service.store import database
 
@@ -304,3 +306,62 @@ def test_which_failures_mean_the_database_is_unavailable(
     error: BaseException, unavailable: bool
 ) -> None:
     assert database.is_unavailable(error) is unavailable
+
+
+async def test_a_multi_host_url_steps_over_a_host_that_refuses_after_connecting(
+    database_url: str,
+) -> None:
+    """A node its keeper is restarting can accept the TCP connection and then refuse the
+    session (a FATAL after authentication); the next host must still be tried, as libpq does.
+    Here the first host is a real PostgreSQL of its own whose database accepts no connections."""
+    scratch = Path(tempfile.mkdtemp(prefix="twofactor-refusing-host-"))
+    refusing = OwnPostgres(scratch / "pgdata")
+    try:
+        async with scratch_database(database_url) as url:
+            name = _database_name(url)
+            admin = await asyncpg.connect(refusing.url)
+            try:
+                await admin.execute(f'CREATE DATABASE "{name}" ALLOW_CONNECTIONS false')
+            finally:
+                await admin.close()
+            # The refusing server first, then the suite's, as host and port lists.
+            hosts = [(refusing.socket_dir, 5432), *database.host_list(url)]
+            parts = urlsplit(url)
+            query = parse_qs(parts.query)
+            query["host"] = [",".join(h for h, _ in hosts)]
+            query["port"] = [",".join(str(p) for _, p in hosts)]
+            query["target_session_attrs"] = ["read-write"]
+            userinfo = parts.netloc.rpartition("@")[0]
+            both = urlunsplit(
+                parts._replace(
+                    netloc=f"{userinfo}@" if userinfo else "", query=urlencode(query, doseq=True)
+                )
+            )
+
+            # asyncpg alone stops at the first host (why the pool connects through its own).
+            with pytest.raises(asyncpg.ObjectNotInPrerequisiteStateError):
+                await asyncpg.connect(both)
+            pool = await database.create_pool(both, 2)
+            try:
+                async with pool.acquire() as conn:
+                    assert await conn.fetchval("SELECT current_database()") == name
+                assert await database.writability(pool) is database.Writability.WRITABLE
+            finally:
+                await pool.close()
+    finally:
+        refusing.close()
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+@pytest.mark.parametrize(
+    ("url", "hosts"),
+    [
+        ("postgresql://u@db1:5433,db2/twofactor", [("db1", 5433), ("db2", 5432)]),
+        ("postgresql://u:p@[::1]:6000,10.0.0.2:6001/x", [("::1", 6000), ("10.0.0.2", 6001)]),
+        ("postgresql://u@/x?host=/run/a,/run/b&port=5433", [("/run/a", 5433), ("/run/b", 5433)]),
+        ("postgresql://u@/x?host=%2Frun%2Fa&port=5434", [("/run/a", 5434)]),
+        ("postgresql:///x", []),
+    ],
+)
+def test_the_hosts_of_a_database_url_in_order(url: str, hosts: list[tuple[str, int]]) -> None:
+    assert database.host_list(url) == hosts

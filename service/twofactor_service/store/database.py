@@ -20,7 +20,8 @@ import enum
 import logging
 import warnings
 from pathlib import Path
-from typing import TypeAlias
+from typing import Any, TypeAlias
+from urllib.parse import parse_qs, unquote, urlsplit
 
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
@@ -53,7 +54,9 @@ async def create_pool(url: str, size: int) -> asyncpg.Pool:
         url,
         min_size=1,
         max_size=size,
-        # Give up quickly when PostgreSQL is down, so calls fail fast with UNAVAILABLE.
+        connect=connect_in_turn,
+        # Give up quickly when PostgreSQL is down, so calls fail fast with UNAVAILABLE (per
+        # host of a multi-host URL, as libpq's connect_timeout).
         timeout=5,
         command_timeout=30,
         # Statements are prepared once per connection and reused (asyncpg's statement cache).
@@ -62,6 +65,60 @@ async def create_pool(url: str, size: int) -> asyncpg.Pool:
         reset=_keep_session,
     )
     return pool
+
+
+def host_list(url: str) -> list[tuple[str, int]]:
+    """The hosts of a PostgreSQL URL, in order: `host:port,...` after the `@`, or the `host`
+    (and `port`) query parameters (unix-socket directories). Ports default to 5432."""
+    parts = urlsplit(url)
+    query = parse_qs(parts.query)
+    spec = parts.netloc.rpartition("@")[2] or query.get("host", [""])[0]
+    if not spec:
+        return []
+    entries = spec.split(",")
+    query_ports = [int(p) for p in query.get("port", [""])[0].split(",") if p]
+    hosts = []
+    for index, entry in enumerate(unquote(e) for e in entries):
+        if entry.startswith("/"):
+            host, port = entry, ""
+        elif entry.startswith("["):  # [IPv6]:port
+            host, _, rest = entry[1:].partition("]")
+            port = rest.removeprefix(":")
+        else:
+            host, _, port = entry.partition(":")
+        if not port and len(query_ports) == len(entries):
+            port = str(query_ports[index])
+        elif not port:
+            port = str(query_ports[0]) if query_ports else "5432"
+        hosts.append((host, int(port)))
+    return hosts
+
+
+async def connect_in_turn(dsn: str | None = None, **options: Any) -> asyncpg.Connection:
+    """The pool's connect. With a multi-host URL each host is tried in turn, as libpq does:
+    asyncpg alone gives up on the whole list when a host fails after the TCP handshake (a FATAL
+    57P01 from a node its keeper is restarting, a database that accepts no connections), though
+    the next host may be a healthy primary. As in libpq, a failed authentication ends the
+    search: it is a configuration error, not an outage."""
+    hosts = host_list(dsn) if dsn else []
+    if len(hosts) < 2:
+        return await asyncpg.connect(dsn, **options)
+    failure: Exception | None = None
+    for host, port in hosts:
+        try:
+            # host/port override the URL's hosts; every other setting of the URL still holds,
+            # target_session_attrs included.
+            connection: asyncpg.Connection = await asyncpg.connect(
+                dsn, host=host, port=port, **options
+            )
+        except (asyncpg.InvalidAuthorizationSpecificationError, asyncpg.InvalidPasswordError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - the next host may serve; the last is raised
+            failure = exc
+        else:
+            return connection
+    assert failure is not None
+    raise failure
 
 
 async def _keep_session(conn: asyncpg.Connection) -> None:
