@@ -385,8 +385,10 @@ async def failover(
         result.health[name] = ((down[-1] - down[0]) if down else 0.0, up_again)
     events = await cluster.events(kill_wall - 1)
     for at, text in events:
-        if "unhealthy" in text or "wait_primary" in text or "prepare_promotion" in text:
-            result.timeline.append(f"+{at - kill_wall:5.1f} s  {text}")
+        line = f"+{at - kill_wall:5.1f} s  {text}"
+        wanted = "unhealthy" in text or "wait_primary" in text or "prepare_promotion" in text
+        if wanted and line not in result.timeline:  # the monitor logs some events twice
+            result.timeline.append(line)
 
     refused = await probes.after()
     report.check(f"failover {number}: failure count, lockout and replays kept", probes.problems)
