@@ -177,6 +177,11 @@ def _when(outcome: Outcome, failovers: list[Failover]) -> str:
     return "; ".join(parts)
 
 
+# Throughput after a failover is compared over windows this long: a shorter one mostly
+# measures the noise of a shared machine.
+RECOVERY_WINDOW_SECONDS = 2.0
+
+
 def throughput(outcomes: list[Outcome], start: float, end: float) -> float:
     """Acknowledged calls per second that ended in [start, end)."""
     done = sum(1 for o in outcomes if o.acknowledged and start <= o.ended < end)
@@ -186,13 +191,15 @@ def throughput(outcomes: list[Outcome], start: float, end: float) -> float:
 def recovery(
     outcomes: list[Outcome], baseline: float, since: float, share: float, horizon: float
 ) -> tuple[float | None, float]:
-    """The first 1-second window, sliding by 0.1 s from `since`, whose throughput reaches
-    `share` of `baseline`: (seconds from `since` to that window's end, its share). None and
-    the best share seen when none does within `horizon` seconds."""
+    """The first window of RECOVERY_WINDOW_SECONDS, sliding by 0.1 s from `since`, whose
+    throughput reaches `share` of `baseline`: (seconds from `since` to that window's end, its
+    share). None and the best share seen when none ends within `horizon` seconds."""
     best = 0.0
-    end = since + 1.0
+    end = since + RECOVERY_WINDOW_SECONDS
     while end <= since + horizon + 1e-9:
-        rate = throughput(outcomes, end - 1.0, end) / baseline if baseline else 0.0
+        rate = (
+            throughput(outcomes, end - RECOVERY_WINDOW_SECONDS, end) / baseline if baseline else 0.0
+        )
         best = max(best, rate)
         if rate >= share:
             return end - since, rate

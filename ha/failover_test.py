@@ -374,7 +374,7 @@ async def failover(
         result.throughput_before,
         result.writable_at,
         RECOVERY_SHARE,
-        OBSERVE_SECONDS - 1.0,
+        OBSERVE_SECONDS,
     )
     for name in names:
         seen = [(t, s) for t, n, s in health if n == name and t >= kill_at]
@@ -427,7 +427,7 @@ def figures(result: Failover) -> str:
     within = (
         f"{result.recovered_within:.1f} s"
         if result.recovered_within is not None
-        else f"more than {OBSERVE_SECONDS - 1.0:.0f} s (best {share:.0%})"
+        else f"more than {OBSERVE_SECONDS:.0f} s (best {share:.0%})"
     )
     return (
         f"failover: unavailable for {result.unavailable_seconds:.1f} s, throughput back to "
