@@ -73,7 +73,9 @@ RECOVERY_WITHIN_SECONDS = 5.0
 BASELINE_SECONDS = 10.0
 OBSERVE_SECONDS = 10.0
 WITHIN_SECONDS = 600.0
-SEEDED_ACCOUNTS = 10_000
+# Each takes at most two valid codes per 30 s (the ±1 window), and calls that fail during a
+# failover use steps up too: enough that the load is never short of them.
+SEEDED_ACCOUNTS = 20_000
 CYCLE_ACCOUNTS = 8
 REPLAY_PROBES = 10
 FAILOVERS = 2
@@ -485,7 +487,10 @@ async def run(base: Path, report: Report) -> None:
             record = load.record
             calls = len(record.outcomes)
             acknowledged = sum(1 for o in record.outcomes if o.acknowledged)
-            report.say(f"load stopped: {calls} calls, {acknowledged} acknowledged")
+            report.say(
+                f"load stopped: {calls} calls, {acknowledged} acknowledged; workers found no "
+                f"unused time step {load.starved} times"
+            )
             by_operation = collections.Counter(
                 o.operation for o in record.outcomes if o.acknowledged
             )

@@ -205,6 +205,8 @@ class Load:
         # Replica -> start of its first acknowledged call since `mark()`.
         self.since = 0.0
         self.back: dict[str, float] = {}
+        # Times a worker found nothing to send (the load, not the service, held back).
+        self.starved = 0
 
     def mark(self) -> None:
         """From now on, note each replica's first acknowledged call (in `back`)."""
@@ -234,7 +236,8 @@ class Load:
         while not self.stopping.is_set():
             operation = self.random.choices(functions, weights)[0]
             if not await operation(replica) and not await self.verify_valid(replica):
-                # Every account has used its steps for now: wait for the clock, briefly.
+                # No account with an unused step at hand: wait for the clock, briefly.
+                self.starved += 1
                 await asyncio.sleep(0.02)
 
     async def call(
@@ -280,16 +283,16 @@ class Load:
     def _idle_account(self, with_step: bool) -> tuple[CodeAccount, int | None] | None:
         """An account no call is using now (marked busy until `_release`), with a step never
         tried when `with_step`, or with failures to spare."""
-        for _ in range(min(len(self.ready), 8)):
+        for _ in range(min(len(self.ready), 32)):
             account = self.ready.popleft()
             if account.busy:  # a replay probe has it
                 self.ready.append(account)
                 continue
             if with_step:
                 step = account.take_step()
-                if step is None:  # the least recently used has no step: none has
-                    self.ready.appendleft(account)
-                    return None
+                if step is None:  # both steps of the window used (or tried, in an outage)
+                    self.ready.append(account)
+                    continue
                 account.busy = True
                 return account, step
             if account.failures < FAILURE_BUDGET:
