@@ -378,6 +378,11 @@ async def failover(
         RECOVERY_SHARE,
         OBSERVE_SECONDS,
     )
+    writable = result.writable_at
+    result.series = [
+        round(checks.throughput(load.record.outcomes, writable + i, writable + i + 1))
+        for i in range(-3, int(OBSERVE_SECONDS))
+    ]
     for name in names:
         seen = [(t, s) for t, n, s in health if n == name and t >= kill_at]
         down = [t for t, s in seen if s != health_pb2.HealthCheckResponse.SERVING]
@@ -480,6 +485,12 @@ async def run(base: Path, report: Report) -> None:
                 result = await failover(number, cluster, load, replicas, url, env, health, report)
                 results.append(result)
                 print(f"{figures(result)}  ({result.label})", flush=True)
+                print(
+                    "           acknowledged calls/s, second by second from 3 s before the new "
+                    f"primary took writes: {' '.join(map(str, result.series))} (before the "
+                    f"kill: {result.throughput_before:.0f})",
+                    flush=True,
+                )
                 for line in result.timeline:
                     print(f"           monitor {line}", flush=True)
             await asyncio.sleep(2.0)  # a little load on the healthy cluster after the last one
