@@ -33,8 +33,10 @@ class Failover:
     throughput_before: float = 0.0
     recovered_share: float | None = None
     recovered_within: float | None = None
-    # Acknowledged calls per second, from 3 s before `writable_at`.
+    # Acknowledged calls per second, from 3 s before `writable_at`, and the slowest call
+    # started in the OBSERVE_SECONDS after it.
     series: list[int] = field(default_factory=list)
+    slowest_call: str = ""
     timeline: list[str] = field(default_factory=list)
     rejoin_started: float | None = None
     rejoin_seconds: float | None = None

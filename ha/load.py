@@ -1,6 +1,7 @@
 """Mixed load on the replicas that records every answer, and knows what each answer should be.
 
-Workers (half on each replica) keep calling, with a deadline on every call:
+Workers (half on each replica) keep calling, at a steady offered rate or as fast as they are
+answered, with a deadline on every call:
 - VerifyCode with a valid code of a time step never tried before for that key (a seeded
   account's), with a wrong code, or with the code of a step already accepted (a replay, which
   must fail);
@@ -187,6 +188,7 @@ class Load:
         cycle_accounts: list[CycleAccount],
         *,
         workers_per_replica: int = 12,
+        rate: float | None = None,
         seed: int = 11,
     ) -> None:
         self.stubs = stubs
@@ -199,6 +201,8 @@ class Load:
         # Accepted codes not replayed yet: (account, step, accepted at).
         self.replayable: collections.deque[tuple[CodeAccount, int, float]] = collections.deque()
         self.workers_per_replica = workers_per_replica
+        # Operations per second offered by all workers together (None: as fast as answered).
+        self.rate = rate
         self.random = random.Random(seed)  # noqa: S311 - load shape, not security
         self.stopping = asyncio.Event()
         self.tasks: list[asyncio.Task[None]] = []
@@ -233,7 +237,19 @@ class Load:
         ]
         functions = [f for f, _ in operations]
         weights = [w for _, w in operations]
+        workers = self.workers_per_replica * len(self.stubs)
+        interval = workers / self.rate if self.rate else 0.0
+        # Spread the workers' first operations over one interval.
+        next_at = time.monotonic() + self.random.uniform(0, interval)
         while not self.stopping.is_set():
+            if interval:
+                # Paced, without catching up after slow calls: a steady offered load rather
+                # than whatever a shared machine lets through. A worker that fell behind (an
+                # outage) restarts at a random phase, so the workers do not march in step.
+                await asyncio.sleep(max(0.0, next_at - time.monotonic()))
+                next_at += interval
+                if next_at < time.monotonic():
+                    next_at = time.monotonic() + self.random.uniform(0, interval)
             operation = self.random.choices(functions, weights)[0]
             if not await operation(replica) and not await self.verify_valid(replica):
                 # No account with an unused step at hand: wait for the clock, briefly.
