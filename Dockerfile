@@ -1,6 +1,7 @@
-# TwoFactorService: `twofactor serve` on 0.0.0.0:50051 (gRPC) and 0.0.0.0:9464 (Prometheus).
+# TwoFactorService: `twofactor serve` on 0.0.0.0:50051 (gRPC), 0.0.0.0:8080 (the web console,
+# docs/console.md) and 0.0.0.0:9464 (Prometheus).
 # Needs TWOFACTOR_DATABASE_URL and TWOFACTOR_ENCRYPTION_KEYS (or _FILE); see docker-compose.yml
-# and README.md, "Operating". The build context is whitelisted in .dockerignore.
+# and docs/operations.md. The build context is whitelisted in .dockerignore.
 FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
@@ -25,8 +26,9 @@ RUN useradd --system --uid 10001 --no-create-home --home-dir /nonexistent \
 USER 10001
 
 ENV TWOFACTOR_LISTEN_ADDRESS=0.0.0.0:50051 \
+    TWOFACTOR_CONSOLE_ADDRESS=0.0.0.0:8080 \
     TWOFACTOR_METRICS_ADDRESS=0.0.0.0:9464
-EXPOSE 50051 9464
+EXPOSE 50051 8080 9464
 
 # Exec form: `twofactor` is PID 1 and gets SIGTERM itself; it stops taking calls, lets running
 # ones finish (10 s grace) and closes the pool.

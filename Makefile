@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install run test test-ha run-ha lint proto proto-check proto-release bench clean
+.PHONY: install run test test-ha run-ha chromium lint proto proto-check proto-release console bench clean
 
 $(STAMP): pyproject.toml clients/python/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -14,13 +14,21 @@ $(STAMP): pyproject.toml clients/python/pyproject.toml
 
 install: $(STAMP)
 
-## Serve on 127.0.0.1:50051; embedded PostgreSQL in .data/ unless TWOFACTOR_DATABASE_URL is set.
+## Serve on 127.0.0.1:50051 and the web console on http://127.0.0.1:8080/; embedded
+## PostgreSQL in .data/ unless TWOFACTOR_DATABASE_URL is set.
 run: install
 	$(VENV)/bin/twofactor serve
 
-## The whole suite against a real server and a real PostgreSQL.
-test: install
+## The whole suite against a real server and a real PostgreSQL, with the console's browser
+## test in headless Chromium (Debian's `chromium`; `.ci/run` installs it when missing).
+test: install chromium
 	$(PY) -m pytest
+
+## Debian's Chromium for the browser test, installed with apt-get when missing (as root, as CI
+## runs); Playwright drives it and never downloads a browser of its own.
+chromium:
+	@command -v chromium >/dev/null || { apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
 
 ## PostgreSQL failovers under load on a pg_auto_failover cluster (monitor + primary +
 ## synchronous standby) with two replicas: what survives, and the figures
@@ -40,7 +48,7 @@ proto-check: install
 	$(PY) scripts/generate_protos.py --check
 
 ## VerifyCode against a bare gRPC server in the same run (`ratio:`), SignIn, and 2 worker
-## processes vs 1, on the embedded PostgreSQL in .data/bench (README.md, "Performance").
+## processes vs 1, on the embedded PostgreSQL in .data/bench (docs/performance.md).
 ## Not part of `make test`. Knobs: BENCH_DURATION=10 BENCH_WARMUP=2 BENCH_CONCURRENCY=64
 ## BENCH_ACCOUNTS=20000 BENCH_WRONG_SHARE=0.05 BENCH_PHASES=... BENCH_SOAK=60 (memory
 ## flatness) BENCH_PROFILE=1 (py-spy of the server under VerifyCode load).
@@ -56,13 +64,27 @@ $(TOOLS_STAMP): tools/package.json tools/package-lock.json
 	cd tools && npm ci --no-audit --no-fund
 	touch $@
 
-## ruff (lint and format), mypy --strict, stale generated code, buf lint and format, and buf
-## breaking against the released contract.
-lint: install $(TOOLS_STAMP)
+# The console's browser code: protoc-gen-es, connect-web, esbuild, tsc, pinned in
+# console/package-lock.json.
+CONSOLE_STAMP := console/node_modules/.installed-stamp
+
+$(CONSOLE_STAMP): console/package.json console/package-lock.json
+	cd console && npm ci --no-audit --no-fund
+	touch $@
+
+## Regenerate the console's TypeScript from the protos, type-check it, and rebuild the committed
+## bundle service/twofactor_service/console/static/console.js (docs/console.md).
+console: install $(CONSOLE_STAMP)
+	$(PY) scripts/build_console.py
+
+## ruff (lint and format), mypy --strict, stale generated code (Python stubs and the console
+## bundle), buf lint and format, and buf breaking against the released contract.
+lint: install $(TOOLS_STAMP) $(CONSOLE_STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 	$(PY) scripts/generate_protos.py --check
+	$(PY) scripts/build_console.py --check
 	$(BUF) lint
 	$(BUF) format --diff --exit-code
 	$(BUF) breaking protos --against $(RELEASED_CONTRACT)
@@ -73,4 +95,5 @@ proto-release: $(TOOLS_STAMP)
 	$(BUF) build protos --exclude-source-info -o $(RELEASED_CONTRACT)
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache tools/node_modules clients/node/node_modules
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache tools/node_modules clients/node/node_modules \
+		console/node_modules console/src/gen

@@ -263,6 +263,8 @@ def service(data_dir: Path, workers: int, name: str) -> Iterator[Server]:
     env.update(
         TWOFACTOR_DATA_DIR=str(data_dir),
         TWOFACTOR_LISTEN_ADDRESS=f"127.0.0.1:{port}",
+        # The bench measures gRPC; the console stays off (and off 8080).
+        TWOFACTOR_CONSOLE_ADDRESS="",
         TWOFACTOR_WORKERS=str(workers),
         # The service's default level: the access log writes a line per call, as deployed.
         TWOFACTOR_LOG_LEVEL=_env("BENCH_LOG_LEVEL", "INFO"),

@@ -151,6 +151,6 @@ async def reset_counters(conn: Connection) -> None:
     starts from the same state (the bench database is the bench's own)."""
     await conn.execute("UPDATE secret_keys SET last_used_step = -1 WHERE last_used_step <> -1")
     await conn.execute(
-        "UPDATE accounts SET failed_attempts = 0, locked_until = NULL"
-        " WHERE failed_attempts <> 0 OR locked_until IS NOT NULL"
+        "UPDATE accounts SET failed_attempts = 0, attempts_open = 0, locked_until = NULL"
+        " WHERE failed_attempts <> 0 OR attempts_open <> 0 OR locked_until IS NOT NULL"
     )

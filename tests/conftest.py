@@ -7,6 +7,7 @@ with unique names, so they never depend on each other either.
 
 from __future__ import annotations
 
+import logging
 import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -15,15 +16,20 @@ import grpc
 import pytest
 from twofactor.v1 import twofactor_service_pb2_grpc as pb_grpc
 
+from tests.grpc_web import GrpcWebChannel
 from tests.support import (
     Actors,
     TestClock,
     make_runtime,
     temporary_database,
 )
+from twofactor_service.logs import JsonFormatter
 from twofactor_service.runtime import Runtime
 from twofactor_service.server import RunningServer, start_server
 from twofactor_service.store.database import Connection
+
+# The `replicas` fixture: two `twofactor serve` processes on the suite's database.
+pytest_plugins = ("tests.replicas",)
 
 
 @pytest.fixture(scope="session")
@@ -64,6 +70,15 @@ def stub(channel: grpc.aio.Channel) -> pb_grpc.TwoFactorServiceAsyncStub:
     return pb_grpc.TwoFactorServiceStub(channel)
 
 
+@pytest.fixture(scope="session")
+async def web_stub(server: RunningServer) -> AsyncIterator[pb_grpc.TwoFactorServiceAsyncStub]:
+    """The same service as `stub`, reached as a browser reaches it: gRPC-Web to the console."""
+    assert server.console is not None
+    channel = GrpcWebChannel(server.console.url)
+    yield pb_grpc.TwoFactorServiceStub(channel)  # type: ignore[call-overload]
+    await channel.close()
+
+
 @pytest.fixture
 def actors(stub: pb_grpc.TwoFactorServiceAsyncStub, runtime: Runtime, clock: TestClock) -> Actors:
     """Makes accounts in every standard role; names are unique to the test."""
@@ -75,3 +90,29 @@ async def db(runtime: Runtime) -> AsyncIterator[Connection]:
     """A direct connection, for asserting what is stored (and that nothing changed)."""
     async with runtime.pool.acquire() as conn:
         yield conn
+
+
+class Lines(logging.Handler):
+    """Every record, formatted exactly as `twofactor serve` writes it."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.setFormatter(JsonFormatter())
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(self.format(record))
+
+
+@pytest.fixture
+def log_lines() -> Iterator[list[str]]:
+    root = logging.getLogger()
+    handler = Lines()
+    level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG)
+    try:
+        yield handler.lines
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -81,7 +82,11 @@ def temporary_database(server_url: str | None, scratch: Path) -> Iterator[str]:
 
 
 def test_config(**overrides: object) -> Config:
-    base = Config(database_url="postgresql://unused", listen_address="127.0.0.1:0")
+    base = Config(
+        database_url="postgresql://unused",
+        listen_address="127.0.0.1:0",
+        console_address="127.0.0.1:0",
+    )
     return Config(**{**base.__dict__, **overrides})
 
 
@@ -375,3 +380,16 @@ async def local_service(
             await server.stop(grace=1)
     finally:
         await runtime.pool.close()
+
+
+# --- Reading the access log (captured by the `log_lines` fixture).
+
+
+def access_lines(lines: list[str], method: str) -> list[dict[str, object]]:
+    entries = [json.loads(line) for line in lines]
+    return [
+        e
+        for e in entries
+        if e["logger"] == "twofactor_service.access"
+        and e["method"] == f"/twofactor.v1.TwoFactorService/{method}"
+    ]

@@ -7,6 +7,7 @@ import asyncio
 import getpass
 import json
 import os
+import socket
 import sys
 from dataclasses import dataclass
 from typing import Any
@@ -157,6 +158,24 @@ async def test_bad_input_unknown_accounts_and_bad_configuration_have_their_exit_
     assert bad_setting.code == EXIT_USAGE
     assert config.code == EXIT_CONFIG
     assert "TWOFACTOR_LOG_LEVEL" in config.err
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+async def test_serve_on_a_busy_port_names_the_address_and_the_variable(
+    twofactor: Any, workers: str
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        address = f"127.0.0.1:{taken.getsockname()[1]}"
+        run = await twofactor("serve", TWOFACTOR_LISTEN_ADDRESS=address, TWOFACTOR_WORKERS=workers)
+
+    assert run.code == EXIT_USAGE, run.err
+    # One line saying what is wrong and what to change: no traceback, no raw gRPC log line.
+    assert run.err.splitlines() == [run.err.strip()], run.err
+    assert run.err.startswith(f"error: cannot listen on {address}: address already in use.")
+    assert "set TWOFACTOR_LISTEN_ADDRESS to a free host:port" in run.err
+    assert "Traceback" not in run.err
 
 
 async def test_reset_key_puts_the_account_on_the_allowlist_and_is_audited(

@@ -41,10 +41,11 @@ UNARY_DEADLINE_SECONDS = 10.0
 # WatchAuditEvents is an endless stream: a well-formed request ends at its deadline.
 STREAM_DEADLINE_SECONDS = 0.3
 
-# What a refused call may still change: the audit log records it, the failure counters count
-# it, a step-up code is used up, and session idle-time bookkeeping moves. Nothing else.
+# What a refused call may still change: the audit log records it, the attempt it paid for is
+# counted, a step-up code is used up, and session idle-time bookkeeping moves. Nothing else.
+ATTEMPT_COLUMNS = ["failed_attempts", "attempts_open", "last_attempt_at", "locked_until"]
 SNAPSHOT = {
-    "accounts": ("id", ["failed_attempts", "locked_until"]),
+    "accounts": ("id", ATTEMPT_COLUMNS),
     "account_rights": ("account_id, functional_area, permission", []),
     "secret_keys": ("id", ["last_used_step"]),
     "sessions": ("token_hash", ["last_seen_at"]),

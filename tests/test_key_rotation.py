@@ -382,7 +382,11 @@ async def test_production_start_without_an_encryption_key_is_refused(
 ) -> None:
     done = await _twofactor(
         command,
-        env={"TWOFACTOR_DATABASE_URL": database_url, "TWOFACTOR_LISTEN_ADDRESS": "127.0.0.1:0"},
+        env={
+            "TWOFACTOR_DATABASE_URL": database_url,
+            "TWOFACTOR_LISTEN_ADDRESS": "127.0.0.1:0",
+            "TWOFACTOR_CONSOLE_ADDRESS": "127.0.0.1:0",
+        },
     )
 
     assert done.returncode == 3, done.stderr

@@ -5,10 +5,8 @@ token or enrollment ticket."""
 from __future__ import annotations
 
 import json
-import logging
 import re
 import uuid
-from collections.abc import Iterator
 
 import grpc
 import pytest
@@ -16,35 +14,8 @@ from twofactor.v1 import enums_pb2
 from twofactor.v1 import twofactor_service_pb2 as pb
 from twofactor.v1 import twofactor_service_pb2_grpc as pb_grpc
 
-from tests.support import VERIFY_RIGHT, Actors, error_reason
+from tests.support import VERIFY_RIGHT, Actors, access_lines, error_reason
 from twofactor_service import rules
-from twofactor_service.logs import JsonFormatter
-
-
-class Lines(logging.Handler):
-    """Every record, formatted exactly as `twofactor serve` writes it."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.setFormatter(JsonFormatter())
-        self.lines: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.lines.append(self.format(record))
-
-
-@pytest.fixture
-def log_lines() -> Iterator[list[str]]:
-    root = logging.getLogger()
-    handler = Lines()
-    level = root.level
-    root.addHandler(handler)
-    root.setLevel(logging.DEBUG)
-    try:
-        yield handler.lines
-    finally:
-        root.removeHandler(handler)
-        root.setLevel(level)
 
 
 class Scenario:
@@ -62,16 +33,6 @@ class Scenario:
     def code(self, value: str) -> str:
         self.codes.add(value)
         return value
-
-
-def access_lines(lines: list[str], method: str) -> list[dict[str, object]]:
-    entries = [json.loads(line) for line in lines]
-    return [
-        e
-        for e in entries
-        if e["logger"] == "twofactor_service.access"
-        and e["method"] == f"/twofactor.v1.TwoFactorService/{method}"
-    ]
 
 
 async def test_no_log_line_holds_a_secret_and_each_call_is_logged_with_its_request_id(

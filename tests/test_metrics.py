@@ -17,7 +17,8 @@ from twofactor.v1 import enums_pb2
 from twofactor.v1 import twofactor_service_pb2 as pb
 from twofactor.v1 import twofactor_service_pb2_grpc as pb_grpc
 
-from tests.support import PERIOD, Actors, Person, TestClock
+from tests.support import PERIOD, Actors, Person, TestClock, wait_until
+from tests.test_wire import GARBAGE, raw_call
 from twofactor_service.config import ConfigError
 from twofactor_service.runtime import Runtime
 from twofactor_service.server import RunningServer, start_server
@@ -228,3 +229,21 @@ def test_each_worker_serves_metrics_on_its_own_port(base: str, index: int, expec
 def test_a_malformed_metrics_address_is_a_configuration_error(address: str) -> None:
     with pytest.raises(ConfigError, match="TWOFACTOR_METRICS_ADDRESS"):
         worker_address(address, 0)
+
+
+async def test_bytes_that_are_not_the_request_are_counted_like_any_refusal(
+    metered: RunningServer,
+) -> None:
+    before = handled(await scrape(metered), "VerifyCode", "INVALID_ARGUMENT")
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{metered.port}") as channel:
+        for body in GARBAGE:
+            with pytest.raises(grpc.aio.AioRpcError):
+                await raw_call(channel, "VerifyCode", body, streaming=False)
+
+    async def counted() -> bool:
+        # The count is taken as the call ends on the server, just after the client has its answer.
+        after = handled(await scrape(metered), "VerifyCode", "INVALID_ARGUMENT")
+        assert after <= before + len(GARBAGE)
+        return after == before + len(GARBAGE)
+
+    await wait_until(counted, within=5, what="every garbage call counted as INVALID_ARGUMENT")

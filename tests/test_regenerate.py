@@ -4,6 +4,7 @@ seed page's first numbered steps describe, including the Account protection wind
 from __future__ import annotations
 
 import time
+from collections.abc import Awaitable, Callable
 from typing import TypeAlias
 from urllib.parse import parse_qs, urlsplit
 
@@ -268,3 +269,49 @@ async def test_protected_account_needs_step_up_to_confirm(actors: Actors, stub: 
     assert confirmed.status.protected
     carol.secret = new_secret
     await sign_in_with_code(stub, carol, carol.next_code())
+
+
+@pytest.mark.parametrize(
+    ("operation", "reason"),
+    [
+        ("ConfirmRegenerateSecret", "NO_PENDING_KEY"),
+        ("ConfirmRegenerateSecret", "CODE_INVALID"),
+        ("ChangePassword", "INVALID_CREDENTIALS"),
+        ("BeginRegenerateSecret", "STEP_UP_REQUIRED"),
+    ],
+)
+async def test_a_refused_self_service_call_is_audited_against_the_account_that_made_it(
+    actors: Actors, stub: Stub, operation: str, reason: str
+) -> None:
+    """The request names no account: the caller is the target, so filtering the audit log by
+    the user finds the failures that count towards its lockout."""
+    admin = await actors.admin()
+    bob = await actors.user(protected=reason == "STEP_UP_REQUIRED")
+    if reason == "CODE_INVALID":
+        await stub.BeginRegenerateSecret(pb.BeginRegenerateSecretRequest(), metadata=bob.metadata())
+    calls: dict[str, Callable[[], Awaitable[object]]] = {
+        "ConfirmRegenerateSecret": lambda: stub.ConfirmRegenerateSecret(
+            pb.ConfirmRegenerateSecretRequest(code="000000"), metadata=bob.metadata()
+        ),
+        "ChangePassword": lambda: stub.ChangePassword(
+            pb.ChangePasswordRequest(
+                current_password="not the password", new_password="a new long password"
+            ),
+            metadata=bob.metadata(),
+        ),
+        "BeginRegenerateSecret": lambda: stub.BeginRegenerateSecret(
+            pb.BeginRegenerateSecretRequest(), metadata=bob.metadata()
+        ),
+    }
+
+    with pytest.raises(grpc.aio.AioRpcError) as failure:
+        await calls[operation]()
+
+    assert error_reason(failure.value) == reason
+    [event, *_] = await audit_events(stub, admin, target_username=bob.username, operation=operation)
+    assert (event.actor, event.target, event.outcome, event.reason) == (
+        bob.username,
+        bob.username,
+        enums_pb2.AUDIT_OUTCOME_FAILURE,
+        reason,
+    )

@@ -9,12 +9,14 @@ import dataclasses
 import datetime
 import ipaddress
 import os
+import ssl
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import aiohttp
 import grpc
 import pytest
 from cryptography import x509
@@ -311,3 +313,36 @@ def test_serve_names_a_missing_certificate_file(
     assert done.returncode == 3, done.stderr  # the CLI's exit status for configuration errors
     assert "configuration error: TWOFACTOR_TLS_CERT_FILE" in done.stderr
     assert "missing.pem" in done.stderr
+
+
+# --- The web console serves HTTPS with the same settings (TWOFACTOR_TLS_*).
+
+
+async def test_the_console_needs_the_same_client_certificate_as_the_grpc_port(
+    runtime: Runtime, pki: Pki, tmp_path: Path
+) -> None:
+    tls = load_config(_tls_env(pki, mutual=True)).tls
+    config = dataclasses.replace(runtime.config, tls=tls)
+    running = await start_server(config, runtime.pool, runtime.key_ring, runtime=runtime)
+    try:
+        assert running.console is not None
+        url = running.console.url
+        assert url.startswith("https://127.0.0.1:")
+        key_file, chain_file = tmp_path / "client.key", tmp_path / "client.pem"
+        key_file.write_bytes(pki.client[0])
+        chain_file.write_bytes(pki.client[1])
+        with_certificate = ssl.create_default_context(cadata=pki.ca.decode())
+        with_certificate.load_cert_chain(chain_file, key_file)
+        without_certificate = ssl.create_default_context(cadata=pki.ca.decode())
+        async with aiohttp.ClientSession() as session:
+            async with session.get(url, ssl=with_certificate) as response:
+                assert response.status == 200
+                assert response.headers["Strict-Transport-Security"].startswith("max-age=")
+            with pytest.raises(aiohttp.ClientError):
+                async with session.get(url, ssl=without_certificate) as response:
+                    await response.read()
+            with pytest.raises(aiohttp.ClientError):
+                async with session.get(url.replace("https:", "http:")) as response:
+                    await response.read()
+    finally:
+        await running.stop(grace=1)

@@ -8,7 +8,6 @@ import binascii
 
 from twofactor_service import errors, rules
 from twofactor_service.caller import Caller
-from twofactor_service.passwords import hash_password_async
 from twofactor_service.rules import AccountKind
 from twofactor_service.runtime import Runtime
 from twofactor_service.store import accounts, audit, keys, sessions, settings
@@ -119,6 +118,29 @@ async def list_members(
     return found[:limit], next_token
 
 
+async def list_accounts(
+    runtime: Runtime, username_prefix: str, page_size: int, page_token: str
+) -> tuple[list[AccountRecord], str]:
+    """One page of the accounts whose username starts with `username_prefix` (the Users tab)."""
+    if len(username_prefix) > rules.MAX_USERNAME_LENGTH or "\x00" in username_prefix:
+        raise errors.InvalidArgument(
+            "username_prefix",
+            f"must be at most {rules.MAX_USERNAME_LENGTH} characters, without NUL",
+        )
+    limit = rules.validate_page_size(page_size)
+    after = _decode_page_token(page_token)
+    async with runtime.pool.acquire() as conn:
+        found = await accounts.list_accounts(
+            conn, prefix=accounts.username_key(username_prefix), after=after, limit=limit + 1
+        )
+    next_token = (
+        _encode_page_token(accounts.username_key(found[limit - 1].username))
+        if len(found) > limit
+        else ""
+    )
+    return found[:limit], next_token
+
+
 async def account_status(runtime: Runtime, caller: Caller, username: str) -> AccountRecord:
     # No username: the caller's own status (the operator's `twofactor status` always names one).
     username = username or caller.signed_in().username
@@ -145,7 +167,7 @@ async def create_account(
         raise errors.InvalidArgument("kind", "must be ACCOUNT_KIND_INTERNAL or ACCOUNT_KIND_DOMAIN")
     if kind is AccountKind.INTERNAL:
         rules.validate_new_password(password)
-        password_hash: str | None = await hash_password_async(password)
+        password_hash: str | None = await runtime.password_checks.hash(password)
     else:
         if password:
             raise errors.InvalidArgument(

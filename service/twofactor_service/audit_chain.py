@@ -15,7 +15,7 @@ server runs about once a second (and verify-audit runs first):
   altered event, a deleted one (a gap in the positions), the newest ones cut off, and one
   slipped in among the sealed ones are all told apart.
 
-What it does not catch, and the anchors that close the gap: README.md, "Security model"
+What it does not catch, and the anchors that close the gap: docs/security.md
 ("Tamper-evident audit log", "Known limits").
 """
 

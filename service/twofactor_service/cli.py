@@ -32,9 +32,10 @@ from twofactor_service import (
 from twofactor_service.caller import Caller
 from twofactor_service.config import Config, ConfigError, load_config
 from twofactor_service.encryption import load_key_ring, new_key_line
+from twofactor_service.listen import AddressUnavailable, ensure_can_listen
 from twofactor_service.rules import AccountKind
 from twofactor_service.runtime import Runtime
-from twofactor_service.server import start_server
+from twofactor_service.server import LISTEN_VARIABLE, start_server
 from twofactor_service.store import database
 from twofactor_service.store.accounts import AccountRecord
 from twofactor_service.store.migrations import migrate
@@ -47,7 +48,7 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_CONFIG, EXIT_NOT_FOUND, EXIT_REFUSED = 0,
 EXIT_CODES_HELP = """exit codes:
   0  done
   1  failed (database unreachable, or another failure)
-  2  usage error or invalid input
+  2  usage error, invalid input, or the listening address is taken
   3  configuration error (a TWOFACTOR_* variable)
   4  account not found
   5  refused by a rule (e.g. allowlisting an account that has a key)
@@ -72,14 +73,24 @@ async def _open_runtime(config: Config, url: str | None = None) -> Runtime:
     return Runtime(config=config, pool=pool, key_ring=key_ring)
 
 
-def _announce(config: Config) -> None:
+def _console_url(config: Config) -> str | None:
+    """The console's address as configured (workers share it)."""
+    if not config.console_address:
+        return None
+    return f"{'https' if config.tls else 'http'}://{config.console_address}/"
+
+
+def _announce(config: Config, console_url: str | None = None) -> None:
+    """For the person at the terminal, on stdout: stderr carries the JSON log alone."""
     workers = f" ({config.workers} worker processes)" if config.workers > 1 else ""
+    console = console_url or _console_url(config)
+    where = f"open the console at {console} and sign in" if console else "sign in with SignIn"
     print(
         f"TwoFactorService listening on {config.listen_address}{workers}.\n"
-        "Create the first administrator (in another terminal):\n"
+        + (f"Web console: {console}\n" if console else "")
+        + "Create the first administrator (in another terminal):\n"
         "  .venv/bin/twofactor create-user admin --password 'choose-a-long-one' --admin\n"
-        "then sign in with SignIn and set up the key it hands out.",
-        file=sys.stderr,
+        f"then {where}, and set up the key it hands out (or follow the README's walk-through).",
         flush=True,
     )
 
@@ -89,7 +100,7 @@ async def _serve(config: Config, url: str | None = None, ready: Connection | Non
     running = await start_server(config, runtime.pool, runtime.key_ring, runtime=runtime)
     log.info("serving", extra={"address": config.listen_address, "port": running.port})
     if ready is None:
-        _announce(config)
+        _announce(config, running.console.url if running.console else None)
     else:  # a worker of `serve --workers N`: the parent announces once all are serving
         ready.send("ready")
         ready.close()
@@ -115,6 +126,9 @@ def _serve_with_workers(config: Config) -> int:
     workers, each a whole server on the shared port."""
     if config.listen_address.rsplit(":", 1)[-1] == "0":
         raise ConfigError("TWOFACTOR_WORKERS > 1 needs a fixed port in TWOFACTOR_LISTEN_ADDRESS")
+    if config.console_address and config.console_address.rsplit(":", 1)[-1] == "0":
+        # Each worker serves the console on the shared port (SO_REUSEPORT), as it does gRPC.
+        raise ConfigError("TWOFACTOR_WORKERS > 1 needs a fixed port in TWOFACTOR_CONSOLE_ADDRESS")
     url = database_url(config)
     asyncio.run(_prepare(config, url))
     clean = run_workers(config, url, _serve_worker, lambda: _announce(config))
@@ -367,7 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="twofactor",
         description="TwoFactorService: serve the gRPC API, or administer accounts from the shell. "
-        "Configuration comes from TWOFACTOR_* environment variables (see README).",
+        "Configuration comes from TWOFACTOR_* environment variables (see docs/operations.md).",
         epilog=EXIT_CODES_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -505,6 +519,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "serve":
             if args.workers is not None:
                 config = dataclasses.replace(config, workers=args.workers)
+            # Before the database starts: a busy port is the commonest first-run failure.
+            ensure_can_listen(config.listen_address, LISTEN_VARIABLE, reuse_port=config.workers > 1)
+            if config.console_address:
+                ensure_can_listen(
+                    config.console_address,
+                    "TWOFACTOR_CONSOLE_ADDRESS",
+                    reuse_port=config.workers > 1,
+                )
             if config.workers > 1:
                 return _serve_with_workers(config)
             _install_uvloop()
@@ -534,6 +556,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    except AddressUnavailable as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     except errors.AccountNotFound as exc:
         print(f"error: {exc.message}", file=sys.stderr)
         return EXIT_NOT_FOUND

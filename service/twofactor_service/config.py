@@ -34,6 +34,10 @@ class LockoutPolicy:
     free_failures: int = 5
     first_delay_seconds: int = 30
     max_delay_seconds: int = 900
+    # A count with no attempt for this long is forgotten (accounts and unknown names alike).
+    forget_after_seconds: int = 86400
+    # Counters of names that are not accounts: at most this many rows (store/attempts.py).
+    unknown_name_buckets: int = 65536
 
 
 @dataclass(frozen=True)
@@ -62,10 +66,19 @@ class Config:
     encryption_keys: str | None = None
     encryption_key_file: Path | None = None
     metrics_address: str | None = None
+    # The web console (console/): HTTP, or HTTPS with `tls`; None turns it off.
+    console_address: str | None = "127.0.0.1:8080"
     log_level: str = "INFO"
     tls: TlsConfig | None = None
     max_message_bytes: int = 64 * 1024
     workers: int = 1
+    # argon2 evaluations at once in this process, and how many more may wait for one; past
+    # that a password check is refused at once (RESOURCE_EXHAUSTED, PASSWORD_CHECKS_BUSY).
+    password_checks: int = field(default_factory=lambda: os.cpu_count() or 1)
+    password_check_queue: int = 16
+    # VerifyCode batches at the database at once (verification.py); calls arriving meanwhile
+    # gather for the next batch.
+    verify_batches_in_flight: int = 4
 
     @property
     def embedded_database(self) -> bool:
@@ -90,6 +103,19 @@ def _path(env: Mapping[str, str], name: str) -> Path | None:
     return Path(raw) if raw else None
 
 
+def _console_address(env: Mapping[str, str]) -> str | None:
+    """host:port of the web console; an empty value turns it off."""
+    raw = env.get(PREFIX + "CONSOLE_ADDRESS", "127.0.0.1:8080")
+    if raw == "":
+        return None
+    host, _, port = raw.rpartition(":")
+    if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(
+            f"{PREFIX}CONSOLE_ADDRESS must be host:port (empty turns the console off), got {raw!r}"
+        )
+    return raw
+
+
 def load_config(env: Mapping[str, str] | None = None) -> Config:
     """Builds the configuration from the environment; raises ConfigError naming the variable."""
     env = os.environ if env is None else env
@@ -108,6 +134,8 @@ def load_config(env: Mapping[str, str] | None = None) -> Config:
         free_failures=_int(env, "LOCKOUT_FREE_FAILURES", 5, 1, 20),
         first_delay_seconds=_int(env, "LOCKOUT_FIRST_DELAY_SECONDS", 30, 1, 3600),
         max_delay_seconds=_int(env, "LOCKOUT_MAX_DELAY_SECONDS", 900, 1, 86400),
+        forget_after_seconds=_int(env, "LOCKOUT_FORGET_AFTER_SECONDS", 86400, 3600, 30 * 86400),
+        unknown_name_buckets=_int(env, "UNKNOWN_NAME_BUCKETS", 65536, 16, 1 << 24),
     )
     tls = None
     cert, key = _path(env, "TLS_CERT_FILE"), _path(env, "TLS_KEY_FILE")
@@ -143,8 +171,12 @@ def load_config(env: Mapping[str, str] | None = None) -> Config:
         encryption_keys=env.get(PREFIX + "ENCRYPTION_KEYS") or None,
         encryption_key_file=_path(env, "ENCRYPTION_KEY_FILE"),
         metrics_address=env.get(PREFIX + "METRICS_ADDRESS") or None,
+        console_address=_console_address(env),
         log_level=log_level,
         tls=tls,
         workers=_int(env, "WORKERS", 1, 1, 64),
         max_message_bytes=_int(env, "MAX_MESSAGE_BYTES", 64 * 1024, 1024, 4 * 1024 * 1024),
+        password_checks=_int(env, "PASSWORD_CHECKS", os.cpu_count() or 1, 1, 256),
+        password_check_queue=_int(env, "PASSWORD_CHECK_QUEUE", 16, 0, 10_000),
+        verify_batches_in_flight=_int(env, "VERIFY_BATCHES_IN_FLIGHT", 4, 1, 64),
     )

@@ -12,6 +12,10 @@ import grpc
 class TwoFactorError(Exception):
     code: grpc.StatusCode = grpc.StatusCode.FAILED_PRECONDITION
     reason: str = "FAILED_PRECONDITION"
+    # Whether the error interceptor writes the refusal to the audit log: not where writing would
+    # add to the very load or outage being reported (it is still logged and counted), nor where
+    # the operation recorded it already (a failed attempt, with its settlement).
+    audited: bool = True
 
     def __init__(self, message: str, *, retry_after_seconds: float | None = None) -> None:
         super().__init__(message)
@@ -133,6 +137,34 @@ class LockedOut(TwoFactorError):
         )
 
 
+class PasswordChecksBusy(TwoFactorError):
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    reason = "PASSWORD_CHECKS_BUSY"
+    audited = False
+
+    def __init__(self) -> None:
+        super().__init__(
+            "too many password checks are running on this server; retry in a moment",
+            retry_after_seconds=1.0,
+        )
+
+
+class MalformedRequest(TwoFactorError):
+    code = grpc.StatusCode.INVALID_ARGUMENT
+    reason = "MALFORMED_REQUEST"
+
+    def __init__(self, message_type: str) -> None:
+        super().__init__(f"the request body is not a valid {message_type} message")
+
+
+class DuplicateMetadata(TwoFactorError):
+    code = grpc.StatusCode.INVALID_ARGUMENT
+    reason = "DUPLICATE_METADATA"
+
+    def __init__(self, key: str) -> None:
+        super().__init__(f"metadata {key!r} was sent more than once; send it once")
+
+
 class Conflict(TwoFactorError):
     code = grpc.StatusCode.ABORTED
     reason = "CONCURRENT_MODIFICATION"
@@ -144,6 +176,7 @@ class Conflict(TwoFactorError):
 class DatabaseUnavailable(TwoFactorError):
     code = grpc.StatusCode.UNAVAILABLE
     reason = "DATABASE_UNAVAILABLE"
+    audited = False
 
     def __init__(self) -> None:
         super().__init__("the database is unavailable; retry shortly", retry_after_seconds=1.0)

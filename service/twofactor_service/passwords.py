@@ -1,15 +1,33 @@
-"""Passwords of INTERNAL accounts: argon2id (RFC 9106), verified off the event loop.
+"""Passwords of INTERNAL accounts: argon2id (RFC 9106), off the event loop, a bounded number
+at a time.
 
 An unknown account is checked against a dummy hash, so it costs the same time as a wrong
 password and sign-in reveals nothing about which accounts exist.
+
+argon2 is meant to be expensive, so it is rationed: at most `concurrency` hashes run at once in
+a process (about one per core) and at most `queue` more wait; past that a password check is
+refused at once (PasswordChecksBusy: RESOURCE_EXHAUSTED with RetryInfo). The hashes run on
+threads of their own at the lowest CPU priority (nice 19), so the event loop, which serves
+VerifyCode and the administrators, takes the CPU first and a flood of sign-ins gets what is
+left. No database connection is held while a hash runs (the callers make sure of it).
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextlib
+import os
+import threading
+from collections.abc import AsyncIterator, Callable
+from typing import Any, TypeVar
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
+
+from twofactor_service.errors import PasswordChecksBusy
+
+T = TypeVar("T")
 
 _hasher = PasswordHasher()
 _DUMMY_HASH = _hasher.hash("not a real password: equalises timing for unknown accounts")
@@ -19,10 +37,6 @@ def hash_password(password: str) -> str:
     return _hasher.hash(password)
 
 
-async def hash_password_async(password: str) -> str:
-    return await asyncio.to_thread(_hasher.hash, password)
-
-
 def _verify(stored_hash: str | None, password: str) -> bool:
     try:
         return _hasher.verify(stored_hash or _DUMMY_HASH, password) and stored_hash is not None
@@ -30,6 +44,47 @@ def _verify(stored_hash: str | None, password: str) -> bool:
         return False
 
 
-async def verify_password(stored_hash: str | None, password: str) -> bool:
-    """True when `password` matches; with no stored hash, spends the same time and is False."""
-    return await asyncio.to_thread(_verify, stored_hash, password)
+def _yield_the_cpu() -> None:
+    """Lowers the calling thread's CPU priority (Linux: nice applies to the thread)."""
+    with contextlib.suppress(OSError, AttributeError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+
+
+class PasswordChecks:
+    """The ration of argon2 work in this process."""
+
+    def __init__(self, concurrency: int, queue: int) -> None:
+        self._running = asyncio.Semaphore(concurrency)
+        self._queue = queue
+        self._waiting = 0
+        self._threads = concurrent.futures.ThreadPoolExecutor(
+            concurrency, thread_name_prefix="argon2", initializer=_yield_the_cpu
+        )
+
+    @contextlib.asynccontextmanager
+    async def slot(self) -> AsyncIterator[None]:
+        """Holds one of the `concurrency` places for the block; refuses at once when they are
+        all taken and `queue` callers already wait."""
+        if self._running.locked() and self._waiting >= self._queue:
+            raise PasswordChecksBusy()
+        self._waiting += 1
+        try:
+            await self._running.acquire()
+        finally:
+            self._waiting -= 1
+        try:
+            yield
+        finally:
+            self._running.release()
+
+    async def verify(self, stored_hash: str | None, password: str) -> bool:
+        """True when `password` matches; with no stored hash, spends the same time and is False.
+        Call inside `slot()`."""
+        return await self._run(_verify, stored_hash, password)
+
+    async def hash(self, password: str) -> str:
+        async with self.slot():
+            return await self._run(_hasher.hash, password)
+
+    async def _run(self, work: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._threads, work, *args)

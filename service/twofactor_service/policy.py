@@ -44,6 +44,7 @@ def method_policy(method: MethodDescriptor) -> MethodPolicy:
         allow_self_without_right=declared.allow_self_without_right,
         protects_target=declared.protects_target,
         target_field=_target_field(method),
+        request_type=method.input_type.full_name,
     )
 
 

@@ -81,10 +81,28 @@ class MethodPolicy:
     protects_target: bool = False
     # The request field naming the target account, if any.
     target_field: str | None = None
+    # The request message's full name, for the refusal of bytes that do not parse as it.
+    request_type: str = ""
+
+    @property
+    def acts_on_caller(self) -> bool:
+        """Self-service: signed in, no right needed and no account named (SignOut,
+        ChangePassword, Begin/ConfirmRegenerateSecret)."""
+        return not self.allow_anonymous and self.required_right is None and not self.target_field
 
 
 def same_account(a: str, b: str) -> bool:
     return a.casefold() == b.casefold()
+
+
+def acted_on(policy: MethodPolicy, target: str, actor: Actor | None) -> str:
+    """The account a call acts on, as the audit log records it: the account the request names,
+    else the caller for the calls that act on their caller (or read its own status)."""
+    if target or actor is None:
+        return target
+    if policy.acts_on_caller or policy.allow_self_without_right:
+        return actor.username
+    return ""
 
 
 def authorize(actor: Actor, policy: MethodPolicy, target: str | None) -> None:
@@ -106,7 +124,7 @@ def lockout_delay_seconds(consecutive_failures: int, policy: LockoutPolicy) -> i
     So at most `free_failures - 1` failures in a row go without a lockout, far inside NIST SP
     800-63B's limit of 100. With the defaults (5, 30 s, 15 min) a guesser who waits out every
     lockout still gets 104 guesses in the first day and 96 a day after that
-    (tests/test_lockout.py; README.md, "Security model").
+    (tests/test_lockout.py; docs/security.md).
     """
     over = consecutive_failures - policy.free_failures
     if over < 0:

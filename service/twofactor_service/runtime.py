@@ -10,6 +10,7 @@ import asyncpg
 
 from twofactor_service.config import Config
 from twofactor_service.encryption import KeyRing
+from twofactor_service.passwords import PasswordChecks
 from twofactor_service.rules import lockout_schedule
 
 
@@ -19,8 +20,14 @@ class Runtime:
     pool: asyncpg.Pool
     key_ring: KeyRing
     clock: Callable[[], float] = time.time
-    lockout_schedule: list[int] = field(default_factory=list)
+    # Derived from the configuration once, not per call.
+    lockout_schedule: list[int] = field(init=False)
+    password_checks: PasswordChecks = field(init=False)
 
     def __post_init__(self) -> None:
-        # Computed once, not per failed attempt.
         object.__setattr__(self, "lockout_schedule", lockout_schedule(self.config.lockout))
+        object.__setattr__(
+            self,
+            "password_checks",
+            PasswordChecks(self.config.password_checks, self.config.password_check_queue),
+        )

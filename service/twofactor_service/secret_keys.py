@@ -11,8 +11,8 @@ from twofactor_service.code_checks import (
     SECRET_PURPOSE,
     PendingKeyView,
     check_code,
-    count_failure,
-    ensure_account_not_locked,
+    pay,
+    settled,
 )
 from twofactor_service.errors import AccountNotFound, RuleViolation
 from twofactor_service.runtime import Runtime
@@ -65,9 +65,12 @@ async def confirm_regenerate(runtime: Runtime, caller: Caller, code: str) -> Acc
                 f"{runtime.config.pending_key_ttl_seconds // 60} minutes) or was never made; "
                 "begin again",
             )
-        await ensure_account_not_locked(conn, actor.account_id)
+        ticket = await pay(runtime, conn, actor.account_id)
+    async with (
+        settled(runtime, caller, actor.username, ticket) as attempt,
+        runtime.pool.acquire() as conn,
+    ):
         if not await check_code(runtime, conn, pending, code):
-            await count_failure(runtime, conn, actor.account_id)
             raise RuleViolation(
                 "CODE_INVALID",
                 "the code does not match the new key (or was already used); your old key "
@@ -80,7 +83,7 @@ async def confirm_regenerate(runtime: Runtime, caller: Caller, code: str) -> Acc
                 raise RuleViolation(
                     "NO_PENDING_KEY", "the pending key expired meanwhile; begin again"
                 )
-            await accounts.clear_failures(conn, actor.account_id)
+            await attempt.succeed(conn)
             await audit.append(conn, caller.audit(actor.username))
             return await accounts.find_by_id(conn, actor.account_id)
 

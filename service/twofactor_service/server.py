@@ -6,30 +6,37 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import shutil
+import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import asyncpg
 import grpc
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 from twofactor.v1 import twofactor_service_pb2_grpc as pb_grpc
 
 from twofactor_service.audit_chain import seal_periodically
 from twofactor_service.config import Config, ConfigError
+from twofactor_service.console.site import ConsoleEndpoint, start_console
 from twofactor_service.encryption import KeyRing
+from twofactor_service.housekeeping import keep_house
+from twofactor_service.listen import AddressUnavailable, ensure_can_listen
 from twofactor_service.policy import SERVICE, load_policies
 from twofactor_service.runtime import Runtime
 from twofactor_service.store import database
 from twofactor_service.transport.access_log import AccessLogInterceptor
 from twofactor_service.transport.interceptors import interceptors
 from twofactor_service.transport.metrics import MetricsEndpoint, MetricsInterceptor, serve_metrics
+from twofactor_service.transport.reflection import enable_reflection
 from twofactor_service.transport.servicer import TwoFactorServicer
 
 log = logging.getLogger(__name__)
 
 HEALTH_INTERVAL_SECONDS = 1.0
+LISTEN_VARIABLE = "TWOFACTOR_LISTEN_ADDRESS"
 
 
 def _pem_certificates(data: bytes, variable: str) -> list[x509.Certificate]:
@@ -73,6 +80,10 @@ class RunningServer:
     metrics: MetricsEndpoint | None = field(default=None)
     # Links new audit events into the tamper-evident chain (audit_chain.py).
     sealer: asyncio.Task[None] | None = field(default=None)
+    # Forgets idle failure counts (housekeeping.py).
+    housekeeper: asyncio.Task[None] | None = field(default=None)
+    # The web console, when TWOFACTOR_CONSOLE_ADDRESS is set (the default).
+    console: ConsoleEndpoint | None = field(default=None)
 
     async def stop(self, grace: float | None = 5.0) -> None:
         """Graceful: stop taking calls, let running ones finish within `grace` seconds."""
@@ -80,10 +91,14 @@ class RunningServer:
         self.watcher.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self.watcher
-        if self.sealer is not None:
-            self.sealer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self.sealer
+        for task in (self.sealer, self.housekeeper):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        if self.console is not None:
+            # First: its calls (a followed audit log) end, then the server's grace applies.
+            await self.console.stop()
         await self.server.stop(grace)
         if self.metrics is not None:
             await asyncio.to_thread(self.metrics.stop)
@@ -137,23 +152,49 @@ async def start_server(
     pb_grpc.add_TwoFactorServiceServicer_to_server(TwoFactorServicer(runtime), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (SERVICE.full_name, health.SERVICE_NAME, reflection.SERVICE_NAME), server
-    )
+    enable_reflection(server, (SERVICE.full_name, health.SERVICE_NAME))
     credentials = _credentials(config)
-    if credentials is None:
-        port = server.add_insecure_port(config.listen_address)
-    else:
-        port = server.add_secure_port(config.listen_address, credentials)
-    if port == 0:
-        raise OSError(f"cannot listen on {config.listen_address}")
-    await server.start()
+    ensure_can_listen(config.listen_address, LISTEN_VARIABLE, reuse_port=config.workers > 1)
     try:
+        if credentials is None:
+            port = server.add_insecure_port(config.listen_address)
+        else:
+            port = server.add_secure_port(config.listen_address, credentials)
+    except RuntimeError:  # taken between the check and the bind
+        raise AddressUnavailable(
+            config.listen_address, LISTEN_VARIABLE, "grpc could not bind it"
+        ) from None
+    # The console's bridge reaches this server over a unix socket in a folder only this
+    # process's user can open; it needs no client certificate, even with mTLS on the port.
+    socket_dir = (
+        Path(tempfile.mkdtemp(prefix="twofactor-console-")) if config.console_address else None
+    )
+    if socket_dir is not None:
+        server.add_insecure_port(f"unix:{socket_dir / 'grpc.sock'}")
+    await server.start()
+    console: ConsoleEndpoint | None = None
+    try:
+        if socket_dir is not None:
+            console = await start_console(config, socket_dir)
         address = config.metrics_address
         endpoint = serve_metrics(address, pool) if address else None
     except BaseException:
+        if console is not None:
+            await console.stop()
+        if socket_dir is not None:
+            shutil.rmtree(socket_dir, ignore_errors=True)
         await server.stop(None)
         raise
     watcher = asyncio.create_task(_watch_database(pool, health_servicer))
     sealer = asyncio.create_task(seal_periodically(pool))
-    return RunningServer(server, port, health_servicer, watcher, endpoint, sealer=sealer)
+    housekeeper = asyncio.create_task(keep_house(pool, config.lockout))
+    return RunningServer(
+        server,
+        port,
+        health_servicer,
+        watcher,
+        endpoint,
+        sealer=sealer,
+        housekeeper=housekeeper,
+        console=console,
+    )

@@ -9,18 +9,21 @@ from datetime import datetime
 from twofactor_service import errors, rules
 from twofactor_service.caller import Caller
 from twofactor_service.code_checks import (
+    Attempt,
     PendingKeyView,
     check_code,
-    count_failure,
-    ensure_account_not_locked,
+    match_code,
+    pay,
+    pay_for_name,
+    settled,
 )
-from twofactor_service.passwords import hash_password_async, verify_password
-from twofactor_service.rules import AccountKind, Actor, TwoFactorState
+from twofactor_service.rules import AccountKind, TwoFactorState
 from twofactor_service.runtime import Runtime
 from twofactor_service.secret_keys import make_pending_key
 from twofactor_service.store import accounts, audit, keys, sessions
 from twofactor_service.store.accounts import AccountRecord
 from twofactor_service.store.database import Connection
+from twofactor_service.store.keys import StoredKey
 
 MAX_TICKET_LENGTH = 128
 
@@ -59,28 +62,41 @@ async def _open_session(
 
 
 async def _after_first_factor(
-    runtime: Runtime, conn: Connection, caller: Caller, account: AccountRecord, code: str
+    runtime: Runtime,
+    caller: Caller,
+    attempt: Attempt,
+    account: AccountRecord,
+    key: StoredKey | None,
+    code: str,
 ) -> SignInResult:
-    """The state machine of O6 once the first factor (password, or the directory's word) holds."""
+    """The state machine of O6 once the first factor (password, or the directory's word) holds.
+    `key` is the active key as read with the account."""
     state = account.state
     if state is TwoFactorState.BLOCKED:
         raise errors.TwoFactorKeyDeleted()
+    # (key id, time step) the code matched, to use up.
+    matched: tuple[int, int] | None = None
     if state is TwoFactorState.ENROLLED:
         if not code:
             raise errors.CodeRequired()
-        key = await keys.active(conn, account.id)
-        if key is None or not await check_code(runtime, conn, key, code):
-            await count_failure(runtime, conn, account.id)
+        # A wrong code is known without a round trip: it costs what a wrong password costs.
+        step = match_code(runtime, key, code).step if key is not None else None
+        if key is None or step is None:
             raise errors.InvalidCredentials()
-    async with conn.transaction():
-        await accounts.clear_failures(conn, account.id)
-        if state is TwoFactorState.ALLOWLISTED:
-            return await _start_enrollment(runtime, conn, caller, account)
-        opened = await _open_session(
-            runtime, conn, account.id, with_two_factor=state is TwoFactorState.ENROLLED
-        )
-        await audit.append(conn, caller.audit(account.username, reason="SESSION_OPENED"))
-        return opened
+        matched = (key.id, step)
+    async with runtime.pool.acquire() as conn:
+        if matched is not None and not await keys.consume_step(conn, *matched):
+            raise errors.InvalidCredentials()  # used a moment ago, on any replica
+        async with conn.transaction():
+            # Settling takes the account row first, as a reset or delete does.
+            await attempt.succeed(conn)
+            if state is TwoFactorState.ALLOWLISTED:
+                return await _start_enrollment(runtime, conn, caller, account)
+            opened = await _open_session(
+                runtime, conn, account.id, with_two_factor=state is TwoFactorState.ENROLLED
+            )
+            await audit.append(conn, caller.audit(account.username, reason="SESSION_OPENED"))
+            return opened
 
 
 async def _start_enrollment(
@@ -134,19 +150,22 @@ async def sign_in(
     rules.validate_password(password)
     if code:
         rules.validate_code_shape(code)
-    async with runtime.pool.acquire() as conn:
-        account = await accounts.find(conn, username)
-        if account is not None and account.kind is AccountKind.DOMAIN:
-            account = None  # domain accounts sign in through SignInDomainAccount only
-        if account is not None:
-            await ensure_account_not_locked(conn, account.id)
-        # Unknown accounts spend the same argon2 time and get the same answer.
-        if not await verify_password(account.password_hash if account else None, password):
-            if account is not None:
-                await count_failure(runtime, conn, account.id)
+    checks = runtime.password_checks
+    async with checks.slot():
+        async with runtime.pool.acquire() as conn:
+            found = await accounts.find_with_active_key(conn, username)
+            if found is not None and found[0].kind is AccountKind.DOMAIN:
+                found = None  # domain accounts sign in through SignInDomainAccount only
+            # Unknown names pay on a counter of their own that locks alike, spend the same
+            # argon2 time, take the same round trips and get the same answers.
+            ticket = await pay_for_name(runtime, conn, username, found[0].id if found else None)
+        # No connection is held while argon2 runs.
+        right = await checks.verify(found[0].password_hash if found else None, password)
+    async with settled(runtime, caller, username, ticket) as attempt:
+        if not right:
             raise errors.InvalidCredentials()
-        assert account is not None
-        return await _after_first_factor(runtime, conn, caller, account, code)
+        assert found is not None
+        return await _after_first_factor(runtime, caller, attempt, *found, code)
 
 
 async def sign_in_domain_account(
@@ -158,16 +177,18 @@ async def sign_in_domain_account(
     if code:
         rules.validate_code_shape(code)
     async with runtime.pool.acquire() as conn:
-        account = await accounts.find(conn, username)
-        if account is None:
+        found = await accounts.find_with_active_key(conn, username)
+        if found is None:
             raise errors.AccountNotFound(username)
+        account, key = found
         if account.kind is not AccountKind.DOMAIN:
             raise errors.RuleViolation(
                 "NOT_DOMAIN_ACCOUNT",
                 f"account {account.username!r} is an internal account; it signs in with SignIn",
             )
-        await ensure_account_not_locked(conn, account.id)
-        return await _after_first_factor(runtime, conn, caller, account, code)
+        ticket = await pay(runtime, conn, account.id)
+    async with settled(runtime, caller, account.username, ticket) as attempt:
+        return await _after_first_factor(runtime, caller, attempt, account, key, code)
 
 
 def _invalid_ticket() -> errors.RuleViolation:
@@ -209,10 +230,13 @@ async def _complete_enrollment(
         key = await keys.by_id(conn, found[1]) if found else None
         if found is None or key is None:
             raise _invalid_ticket()
-        account_id = found[0]
-        await ensure_account_not_locked(conn, account_id)
+        owner = await accounts.find_by_id(conn, found[0])
+        paid = await pay(runtime, conn, owner.id)
+    async with (
+        settled(runtime, caller, owner.username, paid) as attempt,
+        runtime.pool.acquire() as conn,
+    ):
         if not await check_code(runtime, conn, key, code):
-            await count_failure(runtime, conn, account_id)
             raise errors.RuleViolation(
                 "CODE_INVALID",
                 "the code does not match the new key; check the authenticator app's clock "
@@ -220,21 +244,20 @@ async def _complete_enrollment(
             )
         async with conn.transaction():
             # The account row first, as a reset or delete takes it: racing them, one waits.
-            await accounts.lock_by_id(conn, account_id)
+            await accounts.lock_by_id(conn, owner.id)
             # The ticket is single-use: whoever deletes it first completes the enrollment.
             if await sessions.take_ticket(conn, ticket) is None:
                 raise _invalid_ticket()
             await sessions.end_ticket(conn, ticket)
             if not await keys.activate_pending(conn, key.id):
                 raise _invalid_ticket()
-            account = await accounts.find_by_id(conn, account_id)
-            await accounts.set_lists(conn, account_id, allowlisted=False, excluded=False)
-            await accounts.clear_failures(conn, account_id)
+            await accounts.set_lists(conn, owner.id, allowlisted=False, excluded=False)
+            await attempt.succeed(conn)
             if not open_session:
-                await audit.append(conn, caller.audit(account.username, reason="KEY_ACTIVATED"))
+                await audit.append(conn, caller.audit(owner.username, reason="KEY_ACTIVATED"))
                 return None
-            opened = await _open_session(runtime, conn, account_id, with_two_factor=True)
-            await audit.append(conn, caller.audit(account.username, reason="SESSION_OPENED"))
+            opened = await _open_session(runtime, conn, owner.id, with_two_factor=True)
+            await audit.append(conn, caller.audit(owner.username, reason="SESSION_OPENED"))
             return opened
 
 
@@ -256,39 +279,56 @@ async def change_password(
         raise errors.RuleViolation(
             "NOT_INTERNAL_ACCOUNT", "a domain account's password is changed in its directory"
         )
-    async with runtime.pool.acquire() as conn:
-        account = await accounts.find_by_id(conn, actor.account_id)
-        await ensure_account_not_locked(conn, account.id)
-        if not await verify_password(account.password_hash, current_password):
-            await count_failure(runtime, conn, account.id)
+    checks = runtime.password_checks
+    async with checks.slot():
+        async with runtime.pool.acquire() as conn:
+            account = await accounts.find_by_id(conn, actor.account_id)
+            ticket = await pay(runtime, conn, account.id)
+        right = await checks.verify(account.password_hash, current_password)
+    async with settled(runtime, caller, account.username, ticket) as attempt:
+        if not right:
             raise errors.InvalidCredentials()
-        new_hash = await hash_password_async(new_password)
-        async with conn.transaction():
+        new_hash = await checks.hash(new_password)
+        async with runtime.pool.acquire() as conn, conn.transaction():
+            await attempt.succeed(conn)
             await accounts.set_password_hash(conn, account.id, new_hash)
             await sessions.end_all(conn, account.id, except_hash=actor.session_id)
             await audit.append(conn, caller.audit(account.username))
 
 
 async def verify_step_up(
-    runtime: Runtime, actor: Actor, target: str, *, password: str | None, code: str | None
+    runtime: Runtime,
+    caller: Caller,
+    target: str,
+    *,
+    password: str | None,
+    code: str | None,
 ) -> None:
     """Account protection: a change to a protected account needs the actor's own credentials
-    and a current code of the actor's own key. The code is used up; a failure counts toward the
-    actor's lockout."""
+    and a current code of the actor's own key. The proof is paid for on the actor's account
+    before it is looked at, and its code is used up. A failed proof is recorded against the
+    call's target, as the refused call itself would be."""
+    actor = caller.signed_in()
     async with runtime.pool.acquire() as conn:
         target_account = await accounts.find(conn, target)
-        if target_account is None or not target_account.protected:
-            return  # an unknown target is reported by the operation itself
-        needs_password = actor.kind is AccountKind.INTERNAL
-        if not code or (needs_password and not password):
-            raise errors.StepUpRequired(target_account.username)
-        me = await accounts.find_by_id(conn, actor.account_id)
-        await ensure_account_not_locked(conn, me.id)
+    if target_account is None or not target_account.protected:
+        return  # an unknown target is reported by the operation itself
+    needs_password = actor.kind is AccountKind.INTERNAL
+    if not code or (needs_password and not password):
+        raise errors.StepUpRequired(target_account.username)
+    checks = runtime.password_checks
+    async with checks.slot():
+        async with runtime.pool.acquire() as conn:
+            me = await accounts.find_by_id(conn, actor.account_id)
+            ticket = await pay(runtime, conn, me.id)
         proven = code.isascii() and code.isdigit()
         if proven and needs_password:
-            proven = await verify_password(me.password_hash, password or "")
+            proven = await checks.verify(me.password_hash, password or "")
+    async with (
+        settled(runtime, caller, target_account.username, ticket) as attempt,
+        runtime.pool.acquire() as conn,
+    ):
         key = await keys.active(conn, me.id) if proven else None
         if key is None or not await check_code(runtime, conn, key, code):
-            await count_failure(runtime, conn, me.id)
             raise errors.StepUpFailed()
-        await accounts.clear_failures(conn, me.id)
+        await attempt.succeed(conn)

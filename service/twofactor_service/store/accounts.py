@@ -8,7 +8,9 @@ from datetime import datetime
 import asyncpg
 
 from twofactor_service.rules import AccountKind, Right, TwoFactorState, two_factor_state
+from twofactor_service.store import keys
 from twofactor_service.store.database import Connection
+from twofactor_service.store.keys import StoredKey
 
 
 @dataclass(frozen=True)
@@ -41,8 +43,8 @@ class AccountRecord:
         return f"AccountRecord(id={self.id}, username={self.username!r}, state={self.state.name})"
 
 
-_SELECT_ACCOUNT = """
-SELECT a.id, a.username, a.kind, a.password_hash, a.protected, a.allowlisted, a.excluded,
+_ACCOUNT_COLUMNS = """
+       a.id, a.username, a.kind, a.password_hash, a.protected, a.allowlisted, a.excluded,
        a.failed_attempts, a.locked_until,
        ak.created_at AS key_created_at,
        (pk.id IS NOT NULL) AS has_pending_key,
@@ -50,10 +52,17 @@ SELECT a.id, a.username, a.kind, a.password_hash, a.protected, a.allowlisted, a.
              ORDER BY functional_area, permission) AS right_areas,
        array(SELECT permission FROM account_rights r WHERE r.account_id = a.id
              ORDER BY functional_area, permission) AS right_permissions
+"""
+_FROM_ACCOUNTS = """
 FROM accounts a
 LEFT JOIN secret_keys ak ON ak.account_id = a.id AND ak.state = 'ACTIVE'
 LEFT JOIN secret_keys pk ON pk.account_id = a.id AND pk.state = 'PENDING' AND pk.expires_at > now()
 """
+_SELECT_ACCOUNT = f"SELECT {_ACCOUNT_COLUMNS} {_FROM_ACCOUNTS}"
+# The same, with the active key's columns (prefixed "key_"), for sign-in.
+_SELECT_ACCOUNT_AND_KEY = (
+    f"SELECT {_ACCOUNT_COLUMNS}, {keys.columns('ak', prefix='key_')} {_FROM_ACCOUNTS}"
+)
 
 
 def username_key(username: str) -> str:
@@ -80,6 +89,19 @@ def _record(row: asyncpg.Record) -> AccountRecord:
 async def find(conn: Connection, username: str) -> AccountRecord | None:
     row = await conn.fetchrow(_SELECT_ACCOUNT + "WHERE a.username_key = $1", username_key(username))
     return _record(row) if row else None
+
+
+async def find_with_active_key(
+    conn: Connection, username: str
+) -> tuple[AccountRecord, StoredKey | None] | None:
+    """The account and its active key in one round trip: a sign-in then costs the same round
+    trips whether the password, the code or the name is wrong."""
+    row = await conn.fetchrow(
+        _SELECT_ACCOUNT_AND_KEY + "WHERE a.username_key = $1", username_key(username)
+    )
+    if row is None:
+        return None
+    return _record(row), keys.from_row(row, prefix="key_") if row["key_id"] is not None else None
 
 
 async def find_by_id(conn: Connection, account_id: int) -> AccountRecord:
@@ -187,55 +209,22 @@ async def list_members(
     return [_record(r) for r in rows]
 
 
-# The lockout rule's statement ($1: account id, $2: the schedule); store.code_attempts runs it
-# together with the audit insert of a VerifyCode.
-RECORD_FAILURE = """
-    UPDATE accounts
-    SET failed_attempts = failed_attempts + 1,
-        locked_until = CASE
-            WHEN ($2::int[])[least(failed_attempts + 1, cardinality($2::int[]))] > 0
-            THEN now() + make_interval(
-                secs => ($2::int[])[least(failed_attempts + 1, cardinality($2::int[]))])
-            ELSE locked_until END
-    WHERE id = $1
-    RETURNING failed_attempts, locked_until
-"""
-
-
-async def record_failure(
-    conn: Connection, account_id: int, schedule: list[int]
-) -> tuple[int, datetime | None]:
-    """Counts one failed attempt and applies the lockout schedule, in one atomic statement.
-
-    `schedule[n-1]` is the delay after n consecutive failures; past its end the last delay holds.
-    """
-    row = await conn.fetchrow(RECORD_FAILURE, account_id, schedule)
-    assert row is not None
-    return row["failed_attempts"], row["locked_until"]
-
-
-async def clear_failures(conn: Connection, account_id: int) -> None:
-    await conn.execute(
-        "UPDATE accounts SET failed_attempts = 0, locked_until = NULL"
-        " WHERE id = $1 AND (failed_attempts <> 0 OR locked_until IS NOT NULL)",
-        account_id,
-    )
-
-
-async def lock_remaining_seconds(conn: Connection, account_id: int) -> float:
-    """Seconds left of the account's lockout, 0 when attempts are open."""
-    remaining: float = (
-        await conn.fetchval(
-            "SELECT greatest(0, extract(epoch FROM locked_until - now()))::float8"
-            " FROM accounts WHERE id = $1",
-            account_id,
-        )
-        or 0.0
-    )
-    return remaining
-
-
 async def count_locked_out(conn: Connection) -> int:
     """How many accounts are locked out right now (for the metrics, once per scrape)."""
     count: int = await conn.fetchval("SELECT count(*) FROM accounts WHERE locked_until > now()")
     return count
+
+
+async def list_accounts(
+    conn: Connection, *, prefix: str, after: str, limit: int
+) -> list[AccountRecord]:
+    """Accounts whose username key starts with `prefix` (a casefolded text; empty for all), by
+    username key, after a page token. `>= prefix` lets the scan start at the prefix."""
+    rows = await conn.fetch(
+        _SELECT_ACCOUNT + "WHERE a.username_key >= $1 AND a.username_key > $2"
+        " AND starts_with(a.username_key, $1) ORDER BY a.username_key LIMIT $3",
+        prefix,
+        after,
+        limit,
+    )
+    return [_record(r) for r in rows]

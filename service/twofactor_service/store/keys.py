@@ -26,22 +26,32 @@ class StoredKey:
         return f"StoredKey(id={self.id}, account_id={self.account_id})"
 
 
-def _stored(row: asyncpg.Record) -> StoredKey:
+_COLUMN_NAMES = (
+    "id", "account_id", "encryption_key_id", "nonce", "ciphertext", "algorithm", "digits",
+    "period_seconds", "last_used_step", "created_at", "expires_at",
+)  # fmt: skip
+_COLUMNS = ", ".join(_COLUMN_NAMES)
+
+
+def columns(table_alias: str, *, prefix: str) -> str:
+    """The key columns of `table_alias`, named with `prefix` (to select beside other rows)."""
+    return ", ".join(f"{table_alias}.{name} AS {prefix}{name}" for name in _COLUMN_NAMES)
+
+
+def from_row(row: asyncpg.Record, prefix: str = "") -> StoredKey:
     return StoredKey(
-        id=row["id"],
-        account_id=row["account_id"],
-        sealed=Sealed(row["encryption_key_id"], row["nonce"], row["ciphertext"]),
-        parameters=KeyParameters(row["algorithm"], row["digits"], row["period_seconds"]),
-        last_used_step=row["last_used_step"],
-        created_at=row["created_at"],
-        expires_at=row["expires_at"],
+        id=row[prefix + "id"],
+        account_id=row[prefix + "account_id"],
+        sealed=Sealed(
+            row[prefix + "encryption_key_id"], row[prefix + "nonce"], row[prefix + "ciphertext"]
+        ),
+        parameters=KeyParameters(
+            row[prefix + "algorithm"], row[prefix + "digits"], row[prefix + "period_seconds"]
+        ),
+        last_used_step=row[prefix + "last_used_step"],
+        created_at=row[prefix + "created_at"],
+        expires_at=row[prefix + "expires_at"],
     )
-
-
-_COLUMNS = (
-    "id, account_id, encryption_key_id, nonce, ciphertext, algorithm, digits, period_seconds,"
-    " last_used_step, created_at, expires_at"
-)
 
 
 async def active(conn: Connection, account_id: int) -> StoredKey | None:
@@ -49,7 +59,7 @@ async def active(conn: Connection, account_id: int) -> StoredKey | None:
         f"SELECT {_COLUMNS} FROM secret_keys WHERE account_id = $1 AND state = 'ACTIVE'",
         account_id,
     )
-    return _stored(row) if row else None
+    return from_row(row) if row else None
 
 
 async def pending(conn: Connection, account_id: int) -> StoredKey | None:
@@ -59,12 +69,12 @@ async def pending(conn: Connection, account_id: int) -> StoredKey | None:
         " WHERE account_id = $1 AND state = 'PENDING' AND expires_at > now()",
         account_id,
     )
-    return _stored(row) if row else None
+    return from_row(row) if row else None
 
 
 async def by_id(conn: Connection, key_id: int) -> StoredKey | None:
     row = await conn.fetchrow(f"SELECT {_COLUMNS} FROM secret_keys WHERE id = $1", key_id)
-    return _stored(row) if row else None
+    return from_row(row) if row else None
 
 
 async def put_pending(
@@ -125,22 +135,16 @@ async def delete_all(conn: Connection, account_id: int) -> int:
     return int(result.split()[-1])
 
 
-# The replay rule's statement ($1: key id, $2: step); store.code_attempts runs it together
-# with the audit insert of a VerifyCode.
-CONSUME_STEP = """
-    UPDATE secret_keys k SET last_used_step = $2
-    WHERE k.id = $1 AND k.last_used_step < $2
-      AND NOT EXISTS (SELECT 1 FROM accounts a
-                      WHERE a.id = k.account_id AND a.locked_until > now())
-    RETURNING true
-"""
-
-
 async def consume_step(conn: Connection, key_id: int, step: int) -> bool:
     """Records `step` as used, atomically: True for exactly one caller per step, even when two
     replicas receive the same code at the same moment (the row lock serialises them and the
-    second sees the first's step). False too while the account is locked out."""
-    consumed = await conn.fetchval(CONSUME_STEP, key_id, step)
+    second sees the first's step). The attempt was paid for before (store/attempts.py)."""
+    consumed = await conn.fetchval(
+        "UPDATE secret_keys SET last_used_step = $2 WHERE id = $1 AND last_used_step < $2"
+        " RETURNING true",
+        key_id,
+        step,
+    )
     return bool(consumed)
 
 
@@ -156,7 +160,7 @@ async def all_sealed(
         limit,
         after_id,
     )
-    return [_stored(r) for r in rows]
+    return [from_row(r) for r in rows]
 
 
 async def count_not_sealed_with(conn: Connection, key_id: str) -> int:
@@ -187,37 +191,3 @@ async def reseal(conn: Connection, key_id: int, old: Sealed, sealed: Sealed) -> 
         sealed.ciphertext,
     )
     return result.endswith(" 1")
-
-
-@dataclass(frozen=True)
-class VerificationTarget:
-    account_id: int
-    username: str
-    failed_attempts: int
-    lock_remaining_seconds: float
-    key: StoredKey | None
-
-
-async def verification_target(conn: Connection, username_key: str) -> VerificationTarget | None:
-    """The account, its lockout and its active key, in the one round trip the hot path needs."""
-    row = await conn.fetchrow(
-        """
-        SELECT a.id AS account_id, a.username, a.failed_attempts,
-               greatest(0, extract(epoch FROM a.locked_until - now()))::float8 AS lock_remaining,
-               k.id, k.encryption_key_id, k.nonce, k.ciphertext, k.algorithm, k.digits,
-               k.period_seconds, k.last_used_step, k.created_at, k.expires_at
-        FROM accounts a
-        LEFT JOIN secret_keys k ON k.account_id = a.id AND k.state = 'ACTIVE'
-        WHERE a.username_key = $1
-        """,
-        username_key,
-    )
-    if row is None:
-        return None
-    return VerificationTarget(
-        account_id=row["account_id"],
-        username=row["username"],
-        failed_attempts=row["failed_attempts"],
-        lock_remaining_seconds=row["lock_remaining"] or 0.0,
-        key=_stored(row) if row["id"] is not None else None,
-    )

@@ -38,9 +38,9 @@ class AccessLogInterceptor(ObservingInterceptor):
                 return
             info = call_info.get(None)
             if info is not None and info.method == method:
-                request_id = info.request_id
+                request_id, peer = info.request_id, info.peer
             else:  # not one of TwoFactorService's methods: no request id was settled on
-                request_id = _request_id_sent(context)
+                request_id, peer = _request_id_sent(context), context.peer() or ""
             log.log(
                 level,
                 "rpc",
@@ -49,7 +49,7 @@ class AccessLogInterceptor(ObservingInterceptor):
                     "code": code.name,
                     "duration_ms": round(seconds * 1000, 3),
                     "request_id": request_id,
-                    "peer": context.peer() or "",
+                    "peer": peer,
                 },
             )
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextvars
 from dataclasses import dataclass
 
+from twofactor_service.caller import Caller
 from twofactor_service.rules import Actor, MethodPolicy
 
 
@@ -31,3 +32,16 @@ def actor() -> Actor:
     value = current_actor.get()
     assert value is not None, "handler of an authenticated RPC ran without an actor"
     return value
+
+
+def caller() -> Caller:
+    """Who is calling, for the operations and their audit events."""
+    info = call_info.get()
+    signed_in = current_actor.get()
+    return Caller(
+        actor=signed_in,
+        actor_name=signed_in.username if signed_in else "",
+        operation=info.operation,
+        request_id=info.request_id,
+        peer=info.peer,
+    )

@@ -15,6 +15,7 @@ import asyncio
 import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any, TypeAlias, cast
 
 import asyncpg
@@ -32,9 +33,11 @@ from twofactor_service.store import audit, database, sessions
 from twofactor_service.transport.call_context import (
     CallInfo,
     call_info,
+    caller,
     current_actor,
     current_target,
 )
+from twofactor_service.transport.forwarded_peer import call_peer
 
 log = logging.getLogger(__name__)
 
@@ -48,11 +51,48 @@ StreamBehaviour = Callable[[Message, Context], AsyncIterator[Any]]
 Inspect = Callable[[Message, Context], Awaitable[None]]
 
 
+# Metadata that carries credentials: sent twice, which one counts would be a guess.
+CREDENTIAL_METADATA = ("authorization", "x-step-up-password", "x-step-up-code")
+
+
 def _metadata(context: Context, key: str) -> str | None:
     for item_key, value in context.invocation_metadata() or ():
         if item_key == key:
             return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
     return None
+
+
+def _refuse_duplicated_credentials(context: Context) -> None:
+    seen: set[str] = set()
+    for key, _ in context.invocation_metadata() or ():
+        if key in CREDENTIAL_METADATA:
+            if key in seen:
+                raise errors.DuplicateMetadata(key)
+            seen.add(key)
+
+
+@dataclass(frozen=True)
+class _Malformed:
+    """What the lenient deserializer hands on for bytes that are not the request message."""
+
+    message_type: str
+
+
+def _lenient(deserializer: Callable[[bytes], Message] | None, message_type: str) -> Any:
+    """The method's request deserializer, returning _Malformed instead of raising: bytes that do
+    not parse then reach the ErrorInterceptor, which refuses them like any other bad argument
+    (logged once, counted, audited), instead of gRPC answering UNKNOWN with the parser's text."""
+    if deserializer is None:
+        return None
+    parse = deserializer
+
+    def deserialize(data: bytes) -> Message | _Malformed:
+        try:
+            return parse(data)
+        except Exception:  # noqa: BLE001 - whatever the parser says, the bytes are malformed
+            return _Malformed(message_type)
+
+    return deserialize
 
 
 def _wrap(handler: Handler, before: Inspect) -> Handler:
@@ -182,7 +222,7 @@ class ErrorInterceptor(_OwnMethods):
                     f"internal error; quote request id {info.request_id} to the operator",
                 )
             assert error is not None
-            if not isinstance(error, errors.DatabaseUnavailable):
+            if error.audited:
                 await audit_failure(error.reason)
             log.info(
                 "call refused",
@@ -195,27 +235,32 @@ class ErrorInterceptor(_OwnMethods):
             )
             await context.abort_with_status(rpc_status.to_status(error_status(error)))
 
+        message_type = policy.request_type
+
         def begin(context: Context) -> None:
             request_id = _metadata(context, "x-request-id") or uuid.uuid4().hex
             request_id = request_id[:64]
             context.set_trailing_metadata((("x-request-id", request_id),))
-            call_info.set(CallInfo(method, operation, policy, request_id, context.peer() or ""))
+            call_info.set(CallInfo(method, operation, policy, request_id, call_peer(context)))
             current_actor.set(None)
             current_target.set("")
 
+        deserializer = _lenient(handler.request_deserializer, message_type)
         if handler.unary_unary is not None:
             inner_unary = cast(UnaryBehaviour, handler.unary_unary)
 
             async def unary(request: Message, context: Context) -> Any:
                 begin(context)
                 try:
+                    if isinstance(request, _Malformed):
+                        raise errors.MalformedRequest(message_type)
                     return await inner_unary(request, context)
                 except BaseException as exc:  # mapped or re-raised in fail()
                     await fail(context, exc)
                     raise
 
             return grpc.unary_unary_rpc_method_handler(
-                unary, handler.request_deserializer, handler.response_serializer
+                unary, deserializer, handler.response_serializer
             )
 
         inner_stream = cast(StreamBehaviour, handler.unary_stream)
@@ -223,6 +268,8 @@ class ErrorInterceptor(_OwnMethods):
         async def stream(request: Message, context: Context) -> AsyncIterator[Any]:
             begin(context)
             try:
+                if isinstance(request, _Malformed):
+                    raise errors.MalformedRequest(message_type)
                 async for item in inner_stream(request, context):
                     yield item
             except BaseException as exc:  # mapped or re-raised in fail()
@@ -230,7 +277,7 @@ class ErrorInterceptor(_OwnMethods):
                 raise
 
         return grpc.unary_stream_rpc_method_handler(
-            stream, handler.request_deserializer, handler.response_serializer
+            stream, deserializer, handler.response_serializer
         )
 
 
@@ -241,6 +288,7 @@ class AuthenticationInterceptor(_OwnMethods):
         idle = runtime.config.session_idle_seconds
 
         async def authenticate(request: Message, context: Context) -> None:
+            _refuse_duplicated_credentials(context)
             header = _metadata(context, "authorization")
             if header is None:
                 if policy.allow_anonymous:
@@ -290,11 +338,13 @@ class AuthorizationInterceptor(_OwnMethods):
 
         async def authorize(request: Message, context: Context) -> None:
             target = _target_of(request, policy)
-            # Recorded as typed, so failed sign-ins show whom they aimed at; made printable
-            # and bounded, so any input can be written to the audit log.
-            printable = "".join(ch if ch.isprintable() else "?" for ch in target)
-            current_target.set(printable[: rules.MAX_USERNAME_LENGTH])
             actor = current_actor.get()
+            # Recorded as typed, so failed sign-ins show whom they aimed at; made printable
+            # and bounded, so any input can be written to the audit log. A call that names
+            # nobody and acts on its caller is recorded against the caller.
+            recorded = rules.acted_on(policy, target, actor)
+            printable = "".join(ch if ch.isprintable() else "?" for ch in recorded)
+            current_target.set(printable[: rules.MAX_USERNAME_LENGTH])
             if actor is None:
                 return  # anonymous RPC: the authentication interceptor let it through
             # Permission before existence (AIP-131): nothing about the target is read yet.
@@ -318,7 +368,7 @@ class StepUpInterceptor(_OwnMethods):
                 rules.validate_username(target)
             await verify_step_up(
                 runtime,
-                actor,
+                caller(),
                 target,
                 password=_metadata(context, "x-step-up-password"),
                 code=_metadata(context, "x-step-up-code"),

@@ -5,6 +5,8 @@
   interceptor is the outermost one, so it counts the status the client gets, including the
   aborts of the ErrorInterceptor.
 - `twofactor_verify_code_outcomes_total` by outcome: valid, invalid, replayed, locked (O7).
+- `twofactor_verify_batch_size`: how many VerifyCode calls shared each pair of round trips
+  (verification.py's group commit).
 - `twofactor_active_lockouts`, `twofactor_database_up` and the connection pool gauges, read at
   scrape time: the pool's counters from memory, the lockouts with one count query.
 
@@ -74,6 +76,12 @@ VERIFY_OUTCOMES = Counter(
     ("outcome",),
     registry=None,
 )
+VERIFY_BATCH_SIZE = Histogram(
+    "twofactor_verify_batch_size",
+    "VerifyCode calls settled together in one batch (one payment and one settlement statement).",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+    registry=None,
+)
 LOCKED = "locked"
 for _outcome in (*(check.value for check in CodeCheck), LOCKED):
     VERIFY_OUTCOMES.labels(_outcome)  # present at 0 from the start, so rate() sees the first
@@ -82,6 +90,10 @@ for _outcome in (*(check.value for check in CodeCheck), LOCKED):
 def count_verify_outcome(check: CodeCheck | None) -> None:
     """`check` is None when the account was locked and the code not looked at."""
     VERIFY_OUTCOMES.labels(LOCKED if check is None else check.value).inc()
+
+
+def observe_verify_batch(size: int) -> None:
+    VERIFY_BATCH_SIZE.observe(size)
 
 
 class MetricsInterceptor(ObservingInterceptor):
@@ -190,7 +202,7 @@ def serve_metrics(address: str, pool: asyncpg.Pool) -> MetricsEndpoint:
     Call from the event loop that owns `pool`."""
     host, port = split_address(address)
     registry = CollectorRegistry()
-    for collector in (RPC_HANDLED, RPC_DURATION, VERIFY_OUTCOMES):
+    for collector in (RPC_HANDLED, RPC_DURATION, VERIFY_OUTCOMES, VERIFY_BATCH_SIZE):
         registry.register(collector)
     registry.register(DatabaseCollector(pool, asyncio.get_running_loop()))
     ProcessCollector(registry=registry)

@@ -12,11 +12,10 @@ from twofactor.v1 import twofactor_service_pb2 as pb
 from twofactor.v1 import twofactor_service_pb2_grpc as pb_grpc
 
 from twofactor_service import administration, audit_log, secret_keys, sign_in, verification
-from twofactor_service.caller import Caller
 from twofactor_service.runtime import Runtime
 from twofactor_service.store.audit import AuditFilter
 from twofactor_service.transport import messages, metrics
-from twofactor_service.transport.call_context import call_info, current_actor
+from twofactor_service.transport.call_context import caller
 
 _VERIFY_RESULTS = {
     verification.VerifyResult.OK: enums_pb2.VERIFY_CODE_RESULT_OK,
@@ -27,27 +26,20 @@ _VERIFY_RESULTS = {
 Context = grpc.aio.ServicerContext[Any, Any]
 
 
-def _caller() -> Caller:
-    info = call_info.get()
-    actor = current_actor.get()
-    return Caller(
-        actor=actor,
-        actor_name=actor.username if actor else "",
-        operation=info.operation,
-        request_id=info.request_id,
-        peer=info.peer,
-    )
-
-
 class TwoFactorServicer(pb_grpc.TwoFactorServiceServicer):
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
+        self.verifier = verification.Verifier(
+            runtime,
+            max_batches_in_flight=runtime.config.verify_batches_in_flight,
+            observe_batch=metrics.observe_verify_batch,
+        )
 
     # --- Sign-in (O6)
 
     async def SignIn(self, request: pb.SignInRequest, context: Context) -> pb.SignInResponse:
         result = await sign_in.sign_in(
-            self.runtime, _caller(), request.username, request.password, request.code
+            self.runtime, caller(), request.username, request.password, request.code
         )
         return pb.SignInResponse(**messages.sign_in_fields(result))  # type: ignore[arg-type]
 
@@ -55,7 +47,7 @@ class TwoFactorServicer(pb_grpc.TwoFactorServiceServicer):
         self, request: pb.SignInDomainAccountRequest, context: Context
     ) -> pb.SignInDomainAccountResponse:
         result = await sign_in.sign_in_domain_account(
-            self.runtime, _caller(), request.username, request.code
+            self.runtime, caller(), request.username, request.code
         )
         return pb.SignInDomainAccountResponse(**messages.sign_in_fields(result))  # type: ignore[arg-type]
 
@@ -63,19 +55,19 @@ class TwoFactorServicer(pb_grpc.TwoFactorServiceServicer):
         self, request: pb.CompleteEnrollmentRequest, context: Context
     ) -> pb.CompleteEnrollmentResponse:
         opened = await sign_in.complete_enrollment(
-            self.runtime, _caller(), request.enrollment_ticket, request.code
+            self.runtime, caller(), request.enrollment_ticket, request.code
         )
         return pb.CompleteEnrollmentResponse(session=messages.session(opened))
 
     async def SignOut(self, request: pb.SignOutRequest, context: Context) -> pb.SignOutResponse:
-        await sign_in.sign_out(self.runtime, _caller())
+        await sign_in.sign_out(self.runtime, caller())
         return pb.SignOutResponse()
 
     async def ChangePassword(
         self, request: pb.ChangePasswordRequest, context: Context
     ) -> pb.ChangePasswordResponse:
         await sign_in.change_password(
-            self.runtime, _caller(), request.current_password, request.new_password
+            self.runtime, caller(), request.current_password, request.new_password
         )
         return pb.ChangePasswordResponse()
 
@@ -84,13 +76,13 @@ class TwoFactorServicer(pb_grpc.TwoFactorServiceServicer):
     async def BeginRegenerateSecret(
         self, request: pb.BeginRegenerateSecretRequest, context: Context
     ) -> pb.BeginRegenerateSecretResponse:
-        view = await secret_keys.begin_regenerate(self.runtime, _caller())
+        view = await secret_keys.begin_regenerate(self.runtime, caller())
         return pb.BeginRegenerateSecretResponse(pending_key=messages.pending_key(view))
 
     async def ConfirmRegenerateSecret(
         self, request: pb.ConfirmRegenerateSecretRequest, context: Context
     ) -> pb.ConfirmRegenerateSecretResponse:
-        record = await secret_keys.confirm_regenerate(self.runtime, _caller(), request.code)
+        record = await secret_keys.confirm_regenerate(self.runtime, caller(), request.code)
         return pb.ConfirmRegenerateSecretResponse(status=messages.account_status(record))
 
     # --- Another account's key (O3, O4)
@@ -98,13 +90,13 @@ class TwoFactorServicer(pb_grpc.TwoFactorServiceServicer):
     async def ResetSecret(
         self, request: pb.ResetSecretRequest, context: Context
     ) -> pb.ResetSecretResponse:
-        record = await secret_keys.reset_secret(self.runtime, _caller(), request.username)
+        record = await secret_keys.reset_secret(self.runtime, caller(), request.username)
         return pb.ResetSecretResponse(status=messages.account_status(record))
 
     async def DeleteSecret(
         self, request: pb.DeleteSecretRequest, context: Context
     ) -> pb.DeleteSecretResponse:
-        record = await secret_keys.delete_secret(self.runtime, _caller(), request.username)
+        record = await secret_keys.delete_secret(self.runtime, caller(), request.username)
         return pb.DeleteSecretResponse(status=messages.account_status(record))
 
     # --- Lists (O5)
@@ -112,14 +104,14 @@ class TwoFactorServicer(pb_grpc.TwoFactorServiceServicer):
     async def AddToAllowlist(
         self, request: pb.AddToAllowlistRequest, context: Context
     ) -> pb.AddToAllowlistResponse:
-        record = await administration.add_to_allowlist(self.runtime, _caller(), request.username)
+        record = await administration.add_to_allowlist(self.runtime, caller(), request.username)
         return pb.AddToAllowlistResponse(status=messages.account_status(record))
 
     async def RemoveFromAllowlist(
         self, request: pb.RemoveFromAllowlistRequest, context: Context
     ) -> pb.RemoveFromAllowlistResponse:
         record = await administration.remove_from_allowlist(
-            self.runtime, _caller(), request.username
+            self.runtime, caller(), request.username
         )
         return pb.RemoveFromAllowlistResponse(status=messages.account_status(record))
 
@@ -137,7 +129,7 @@ class TwoFactorServicer(pb_grpc.TwoFactorServiceServicer):
         self, request: pb.AddToExclusionListRequest, context: Context
     ) -> pb.AddToExclusionListResponse:
         record = await administration.add_to_exclusion_list(
-            self.runtime, _caller(), request.username
+            self.runtime, caller(), request.username
         )
         return pb.AddToExclusionListResponse(status=messages.account_status(record))
 
@@ -145,7 +137,7 @@ class TwoFactorServicer(pb_grpc.TwoFactorServiceServicer):
         self, request: pb.RemoveFromExclusionListRequest, context: Context
     ) -> pb.RemoveFromExclusionListResponse:
         record = await administration.remove_from_exclusion_list(
-            self.runtime, _caller(), request.username
+            self.runtime, caller(), request.username
         )
         return pb.RemoveFromExclusionListResponse(status=messages.account_status(record))
 
@@ -165,7 +157,7 @@ class TwoFactorServicer(pb_grpc.TwoFactorServiceServicer):
         self, request: pb.VerifyCodeRequest, context: Context
     ) -> pb.VerifyCodeResponse:
         outcome = await verification.verify_code(
-            self.runtime, _caller(), request.username, request.code
+            self.verifier, caller(), request.username, request.code
         )
         metrics.count_verify_outcome(outcome.check)
         response = pb.VerifyCodeResponse(result=_VERIFY_RESULTS[outcome.result])
@@ -173,10 +165,20 @@ class TwoFactorServicer(pb_grpc.TwoFactorServiceServicer):
             response.retry_delay.FromSeconds(max(1, round(outcome.retry_after_seconds)))
         return response
 
+    async def ListAccounts(
+        self, request: pb.ListAccountsRequest, context: Context
+    ) -> pb.ListAccountsResponse:
+        records, token = await administration.list_accounts(
+            self.runtime, request.username_prefix, request.page_size, request.page_token
+        )
+        return pb.ListAccountsResponse(
+            accounts=[messages.account_status(r) for r in records], next_page_token=token
+        )
+
     async def GetAccountStatus(
         self, request: pb.GetAccountStatusRequest, context: Context
     ) -> pb.GetAccountStatusResponse:
-        record = await administration.account_status(self.runtime, _caller(), request.username)
+        record = await administration.account_status(self.runtime, caller(), request.username)
         return pb.GetAccountStatusResponse(status=messages.account_status(record))
 
     # --- Audit log (O9)
@@ -229,7 +231,7 @@ class TwoFactorServicer(pb_grpc.TwoFactorServiceServicer):
     async def UpdateSettings(
         self, request: pb.UpdateSettingsRequest, context: Context
     ) -> pb.UpdateSettingsResponse:
-        issuer = await administration.set_issuer_name(self.runtime, _caller(), request.issuer_name)
+        issuer = await administration.set_issuer_name(self.runtime, caller(), request.issuer_name)
         return pb.UpdateSettingsResponse(settings=self._settings(issuer))
 
     async def CreateAccount(
@@ -237,7 +239,7 @@ class TwoFactorServicer(pb_grpc.TwoFactorServiceServicer):
     ) -> pb.CreateAccountResponse:
         record = await administration.create_account(
             self.runtime,
-            _caller(),
+            caller(),
             username=request.username,
             kind=messages.account_kind(request.kind),
             password=request.password,
@@ -250,7 +252,7 @@ class TwoFactorServicer(pb_grpc.TwoFactorServiceServicer):
         self, request: pb.SetAccountProtectionRequest, context: Context
     ) -> pb.SetAccountProtectionResponse:
         record = await administration.set_protection(
-            self.runtime, _caller(), request.username, request.protected
+            self.runtime, caller(), request.username, request.protected
         )
         return pb.SetAccountProtectionResponse(status=messages.account_status(record))
 
@@ -259,7 +261,7 @@ class TwoFactorServicer(pb_grpc.TwoFactorServiceServicer):
     ) -> pb.GrantRightResponse:
         record = await administration.change_right(
             self.runtime,
-            _caller(),
+            caller(),
             request.username,
             (request.right.functional_area, request.right.permission),
             grant=True,
@@ -271,7 +273,7 @@ class TwoFactorServicer(pb_grpc.TwoFactorServiceServicer):
     ) -> pb.RevokeRightResponse:
         record = await administration.change_right(
             self.runtime,
-            _caller(),
+            caller(),
             request.username,
             (request.right.functional_area, request.right.permission),
             grant=False,

@@ -985,6 +985,68 @@ class VerifyCodeResponse(_message.Message):
 Global___VerifyCodeResponse: _TypeAlias = VerifyCodeResponse  # noqa: Y015
 
 @_typing.final
+class ListAccountsRequest(_message.Message):
+    """Request of ListAccounts."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    USERNAME_PREFIX_FIELD_NUMBER: _builtins.int
+    page_size: _builtins.int
+    """At most this many accounts (1 to 1000; 0 means 100)."""
+    page_token: _builtins.str
+    """The `next_page_token` of the previous page (with the same
+    `username_prefix`); empty for the first.
+    """
+    username_prefix: _builtins.str
+    """Only accounts whose username starts with this text, compared
+    case-insensitively; empty for every account. At most 256 characters.
+    """
+    def __init__(
+        self,
+        *,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+        username_prefix: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "username_prefix", b"username_prefix"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListAccountsRequest: _TypeAlias = ListAccountsRequest  # noqa: Y015
+
+@_typing.final
+class ListAccountsResponse(_message.Message):
+    """Response of ListAccounts."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACCOUNTS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Pass as `page_token` for the next page; empty on the last page."""
+    @_builtins.property
+    def accounts(self) -> _containers.RepeatedCompositeFieldContainer[Global___AccountStatus]:
+        """The accounts, by username."""
+
+    def __init__(
+        self,
+        *,
+        accounts: _abc.Iterable[Global___AccountStatus] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accounts", b"accounts", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListAccountsResponse: _TypeAlias = ListAccountsResponse  # noqa: Y015
+
+@_typing.final
 class GetAccountStatusRequest(_message.Message):
     """Request of GetAccountStatus."""
 

@@ -133,6 +133,11 @@ class TwoFactorServiceStub:
                 request_serializer=twofactor_dot_v1_dot_twofactor__service__pb2.VerifyCodeRequest.SerializeToString,
                 response_deserializer=twofactor_dot_v1_dot_twofactor__service__pb2.VerifyCodeResponse.FromString,
                 _registered_method=True)
+        self.ListAccounts = channel.unary_unary(
+                '/twofactor.v1.TwoFactorService/ListAccounts',
+                request_serializer=twofactor_dot_v1_dot_twofactor__service__pb2.ListAccountsRequest.SerializeToString,
+                response_deserializer=twofactor_dot_v1_dot_twofactor__service__pb2.ListAccountsResponse.FromString,
+                _registered_method=True)
         self.GetAccountStatus = channel.unary_unary(
                 '/twofactor.v1.TwoFactorService/GetAccountStatus',
                 request_serializer=twofactor_dot_v1_dot_twofactor__service__pb2.GetAccountStatusRequest.SerializeToString,
@@ -338,6 +343,14 @@ class TwoFactorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListAccounts(self, request, context):
+        """Lists accounts by username with their 2FA status (the console's Users
+        tab), optionally only those whose username starts with a prefix (AIP-132).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetAccountStatus(self, request, context):
         """The 2FA status of an account: one's own, or any account for an actor
         with the administration right.
@@ -488,6 +501,11 @@ def add_TwoFactorServiceServicer_to_server(servicer, server):
                     servicer.VerifyCode,
                     request_deserializer=twofactor_dot_v1_dot_twofactor__service__pb2.VerifyCodeRequest.FromString,
                     response_serializer=twofactor_dot_v1_dot_twofactor__service__pb2.VerifyCodeResponse.SerializeToString,
+            ),
+            'ListAccounts': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAccounts,
+                    request_deserializer=twofactor_dot_v1_dot_twofactor__service__pb2.ListAccountsRequest.FromString,
+                    response_serializer=twofactor_dot_v1_dot_twofactor__service__pb2.ListAccountsResponse.SerializeToString,
             ),
             'GetAccountStatus': grpc.unary_unary_rpc_method_handler(
                     servicer.GetAccountStatus,
@@ -986,6 +1004,33 @@ class TwoFactorService:
             '/twofactor.v1.TwoFactorService/VerifyCode',
             twofactor_dot_v1_dot_twofactor__service__pb2.VerifyCodeRequest.SerializeToString,
             twofactor_dot_v1_dot_twofactor__service__pb2.VerifyCodeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAccounts(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/twofactor.v1.TwoFactorService/ListAccounts',
+            twofactor_dot_v1_dot_twofactor__service__pb2.ListAccountsRequest.SerializeToString,
+            twofactor_dot_v1_dot_twofactor__service__pb2.ListAccountsResponse.FromString,
             options,
             channel_credentials,
             insecure,

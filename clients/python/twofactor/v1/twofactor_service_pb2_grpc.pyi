@@ -119,6 +119,10 @@ class TwoFactorServiceStub:
     """Checks a code for a backend that runs its own sign-in. The hot path.
     Replay-protected (a time step is accepted once per key) and throttled.
     """
+    ListAccounts: _grpc.UnaryUnaryMultiCallable[_twofactor_service_pb2.ListAccountsRequest, _twofactor_service_pb2.ListAccountsResponse]
+    """Lists accounts by username with their 2FA status (the console's Users
+    tab), optionally only those whose username starts with a prefix (AIP-132).
+    """
     GetAccountStatus: _grpc.UnaryUnaryMultiCallable[_twofactor_service_pb2.GetAccountStatusRequest, _twofactor_service_pb2.GetAccountStatusResponse]
     """The 2FA status of an account: one's own, or any account for an actor
     with the administration right.
@@ -238,6 +242,10 @@ class TwoFactorServiceAsyncStub(TwoFactorServiceStub):
     VerifyCode: _aio.UnaryUnaryMultiCallable[_twofactor_service_pb2.VerifyCodeRequest, _twofactor_service_pb2.VerifyCodeResponse]  # type: ignore[assignment]
     """Checks a code for a backend that runs its own sign-in. The hot path.
     Replay-protected (a time step is accepted once per key) and throttled.
+    """
+    ListAccounts: _aio.UnaryUnaryMultiCallable[_twofactor_service_pb2.ListAccountsRequest, _twofactor_service_pb2.ListAccountsResponse]  # type: ignore[assignment]
+    """Lists accounts by username with their 2FA status (the console's Users
+    tab), optionally only those whose username starts with a prefix (AIP-132).
     """
     GetAccountStatus: _aio.UnaryUnaryMultiCallable[_twofactor_service_pb2.GetAccountStatusRequest, _twofactor_service_pb2.GetAccountStatusResponse]  # type: ignore[assignment]
     """The 2FA status of an account: one's own, or any account for an actor
@@ -451,6 +459,16 @@ class TwoFactorServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_twofactor_service_pb2.VerifyCodeResponse, _abc.Awaitable[_twofactor_service_pb2.VerifyCodeResponse]]:
         """Checks a code for a backend that runs its own sign-in. The hot path.
         Replay-protected (a time step is accepted once per key) and throttled.
+        """
+
+    @_abc_1.abstractmethod
+    def ListAccounts(
+        self,
+        request: _twofactor_service_pb2.ListAccountsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_twofactor_service_pb2.ListAccountsResponse, _abc.Awaitable[_twofactor_service_pb2.ListAccountsResponse]]:
+        """Lists accounts by username with their 2FA status (the console's Users
+        tab), optionally only those whose username starts with a prefix (AIP-132).
         """
 
     @_abc_1.abstractmethod
