@@ -464,6 +464,8 @@ async def run(base: Path, report: Report) -> None:
         env = service_env(url, keys, log_level="WARNING")
         settings = {
             "log_level": "WARNING",
+            # The web console is not under test here (and two replicas cannot share its port).
+            "console_address": "",
             # Longer than the whole test: a lockout made before a failover is still in force.
             "lockout_first_delay_seconds": "900",
             "lockout_max_delay_seconds": "900",

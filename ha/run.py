@@ -20,8 +20,10 @@ from ha.cluster import free_port, running_cluster
 from ha.service import start_replica, stop_replica, wait_serving
 from twofactor_service.encryption import new_key_line
 
-# The replicas' ports when free (else any free port): next to `make run`'s 50051.
+# The replicas' gRPC and web console ports when free (else any free port): next to `make run`'s
+# 50051 and 8080.
 PREFERRED_PORTS = (50061, 50062)
+PREFERRED_CONSOLE_PORTS = (8081, 8082)
 
 
 def _port(preferred: int) -> int:
@@ -37,9 +39,12 @@ async def serve(base: Path) -> None:
     keys = os.environ.get("TWOFACTOR_ENCRYPTION_KEYS") or new_key_line("ha1")
     async with running_cluster(base) as cluster:
         url = cluster.database_url
+        consoles = [f"127.0.0.1:{_port(port)}" for port in PREFERRED_CONSOLE_PORTS]
         replicas = [
-            start_replica(name, base / "logs", url, keys, f"127.0.0.1:{_port(port)}")
-            for name, port in zip(("a", "b"), PREFERRED_PORTS, strict=True)
+            start_replica(
+                name, base / "logs", url, keys, f"127.0.0.1:{_port(port)}", console_address=console
+            )
+            for name, port, console in zip(("a", "b"), PREFERRED_PORTS, consoles, strict=True)
         ]
         try:
             await asyncio.gather(*(wait_serving(r) for r in replicas))
@@ -52,7 +57,10 @@ async def serve(base: Path) -> None:
             addresses = ",".join(r.address for r in replicas)
             print(
                 "\nTwoFactorService on a highly available PostgreSQL (Ctrl-C stops everything):\n"
-                + "".join(f"  replica {r.name}            {r.address}\n" for r in replicas)
+                + "".join(
+                    f"  replica {r.name}            {r.address} (web console http://{console}/)\n"
+                    for r, console in zip(replicas, consoles, strict=True)
+                )
                 + f"  client target        ipv4:{addresses} with round_robin"
                 " (docs/high-availability.md)\n"
                 f"  PostgreSQL primary   127.0.0.1:{primary.port if primary else '?'}"
