@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install run test chromium lint proto proto-check proto-release console bench clean
+.PHONY: install run test test-ha run-ha chromium lint proto proto-check proto-release console bench clean
 
 $(STAMP): pyproject.toml clients/python/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,17 @@ test: install chromium
 chromium:
 	@command -v chromium >/dev/null || { apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
+
+## PostgreSQL failovers under load on a pg_auto_failover cluster (monitor + primary +
+## synchronous standby) with two replicas: what survives, and the figures
+## (docs/high-availability.md). As root it installs postgresql-15-auto-failover with apt-get.
+## Not part of `make test`; .ci/run runs it after.
+test-ha: install
+	$(PY) -m ha.failover_test
+
+## The same cluster and two replicas on this machine, to try out; prints the addresses.
+run-ha: install
+	$(PY) -m ha.run
 
 proto: install
 	$(PY) scripts/generate_protos.py

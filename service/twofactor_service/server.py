@@ -109,22 +109,31 @@ class RunningServer:
 
 
 async def _watch_database(pool: asyncpg.Pool, servicer: health.aio.HealthServicer) -> None:
-    """Reports NOT_SERVING while PostgreSQL is unreachable; the pool reconnects by itself."""
-    serving: bool | None = None
+    """Reports SERVING only while the service can write: NOT_SERVING while PostgreSQL is
+    unreachable, and also while it answers but cannot write (a standby, a read-only server, a
+    failover in progress), since every RPC writes (SPEC §4). The pool reconnects by itself;
+    connections that reach a read-only server are expired here, so the next ones go through
+    the (multi-host) URL again and find the writable primary."""
+    last: database.Writability | None = None
     while True:
-        ok = await database.ping(pool)
-        if ok != serving:
-            serving = ok
-            status = (
-                health_pb2.HealthCheckResponse.SERVING
-                if ok
-                else health_pb2.HealthCheckResponse.NOT_SERVING
-            )
-            for name in ("", SERVICE.full_name):
-                await servicer.set(name, status)
-            (log.info if ok else log.warning)(
-                "database reachable" if ok else "database unreachable"
-            )
+        state = await database.writability(pool)
+        if state is database.Writability.READ_ONLY:
+            await pool.expire_connections()
+        if state is not last:
+            ok = state is database.Writability.WRITABLE
+            if last is None or ok != (last is database.Writability.WRITABLE):
+                status = (
+                    health_pb2.HealthCheckResponse.SERVING
+                    if ok
+                    else health_pb2.HealthCheckResponse.NOT_SERVING
+                )
+                for name in ("", SERVICE.full_name):
+                    await servicer.set(name, status)
+            if ok:
+                log.info("database writable")
+            else:
+                log.warning("database not writable", extra={"database": state.value})
+            last = state
         await asyncio.sleep(HEALTH_INTERVAL_SECONDS)
 
 

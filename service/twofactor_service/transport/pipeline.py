@@ -20,6 +20,7 @@ interceptor, a frame per layer) was the largest part of VerifyCode's CPU beyond 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import os
 import time
@@ -38,7 +39,7 @@ from twofactor_service import errors, rules
 from twofactor_service.encryption import DecryptionFailed
 from twofactor_service.runtime import Runtime
 from twofactor_service.sign_in import verify_step_up
-from twofactor_service.store import accounts, audit, sessions
+from twofactor_service.store import accounts, audit, database, sessions
 from twofactor_service.transport.call_context import (
     CallInfo,
     call_info,
@@ -139,6 +140,25 @@ def observed(handler: Handler, report: Report) -> Handler:
         return grpc.unary_unary_rpc_method_handler(
             unary, handler.request_deserializer, handler.response_serializer
         )
+    if handler.unary_stream is not None and inspect.iscoroutinefunction(handler.unary_stream):
+        # A stream written with `await context.write(...)`, not yielded: health's Watch, which
+        # load balancers and client-side health checking (gRFC A17) call.
+        inner_writer = cast(UnaryBehaviour, handler.unary_stream)
+
+        async def writer(request: Message, context: Context) -> None:
+            started = time.perf_counter()
+            failure: BaseException | None = None
+            try:
+                await inner_writer(request, context)
+            except BaseException as exc:
+                failure = exc
+                raise
+            finally:
+                report(context, final_code(context, failure), time.perf_counter() - started)
+
+        return grpc.unary_stream_rpc_method_handler(
+            writer, handler.request_deserializer, handler.response_serializer
+        )
     if handler.unary_stream is not None:
         inner_stream = cast(StreamBehaviour, handler.unary_stream)
 
@@ -188,21 +208,7 @@ def _as_domain_error(exc: BaseException) -> errors.TwoFactorError | None:
     # SQLSTATE classes, not messages (asyncpg's exception hierarchy follows them).
     if isinstance(exc, asyncpg.SerializationError | asyncpg.DeadlockDetectedError):
         return errors.Conflict()
-    if isinstance(
-        exc,
-        asyncpg.PostgresConnectionError
-        | asyncpg.InterfaceError
-        | asyncpg.CannotConnectNowError
-        | asyncpg.AdminShutdownError
-        | asyncpg.CrashShutdownError
-        # A shutdown's FATAL message can reach an idle pooled connection before its socket
-        # closes; the next statement on it then fails with asyncpg's protocol-state error.
-        | asyncpg.InternalClientError
-        | asyncpg.TooManyConnectionsError
-        | ConnectionError
-        | OSError
-        | TimeoutError,
-    ):
+    if database.is_unavailable(exc):
         return errors.DatabaseUnavailable()
     return None
 
