@@ -25,6 +25,8 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 from twofactor.v1 import enums_pb2
 from twofactor.v1 import twofactor_service_pb2 as pb
 
@@ -213,6 +215,24 @@ def judge(call: Call, response: bytes) -> str | None:
     return "expected_locked" if result == LOCKED else None
 
 
+def shed_delay(error: grpc.aio.AioRpcError) -> float | None:
+    """The RetryInfo delay of a PASSWORD_CHECKS_BUSY refusal; None for any other error."""
+    status = rpc_status.from_call(error)  # type: ignore[arg-type]
+    if status is None:
+        return None
+    reasons, delay = set(), None
+    for detail in status.details:
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            reasons.add(info.reason)
+        elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+            retry = error_details_pb2.RetryInfo()
+            detail.Unpack(retry)
+            delay = retry.retry_delay.seconds + retry.retry_delay.nanos / 1e9
+    return (delay or 1.0) if "PASSWORD_CHECKS_BUSY" in reasons else None
+
+
 def describe(call: Call, response: bytes) -> str:
     if call.expect in ("ECHO", "SESSION_OPENED"):
         return f"{call.expect}: unexpected response ({len(response)} bytes)"
@@ -264,9 +284,19 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                     problem = None if outcome else describe(call, response)
                 except grpc.aio.AioRpcError as error:
                     outcome, problem = None, f"status {error.code().name}: {error.details()}"
+                    backoff = shed_delay(error)
+                    if backoff is not None:
+                        # Shed by the server's ration of password checks before anything was
+                        # checked: expected under this load; wait as RetryInfo says, as a
+                        # well-behaved client does (the sign-in's code is not used up).
+                        outcome, problem = "shed", None
                 finally:
                     workload.done(call)
                 ended_wall = time.time()
+                if outcome == "shed":
+                    tally.counts["shed"] += measure_from <= ended_wall <= measure_until
+                    await asyncio.sleep(backoff or 1.0)
+                    continue
                 # Closed loop: a call counts when it completes inside the window (a call that
                 # waited seconds, as a sign-in behind argon2 does, still counts once).
                 in_window = measure_from <= ended_wall <= measure_until
