@@ -77,6 +77,15 @@ def burst_of(wrong: list[Any], right: Any, position: int | None) -> list[tuple[b
 
 
 Metadata = tuple[tuple[str, str], ...]
+
+
+def code_burst(secret: str | None, position: int | None, *, ahead: float = 0.0) -> Burst:
+    """Wrong codes, and the code of the step `ahead` seconds from now at `position`: the next
+    step (PERIOD ahead) for a key whose enrollment used the current one."""
+    assert secret is not None
+    return Burst(burst_of(wrong_codes(secret, BURST), code_at(secret, ahead), position))
+
+
 # (replica, the burst's item, metadata with the call's own x-request-id) -> the answer
 Call = Callable[[Replica, Any, Metadata], Awaitable[Any]]
 
@@ -237,10 +246,7 @@ async def test_verify_code_bursts_keep_the_budget(
     person = await enroll_domain_on(
         replicas[0], await actors.create("user", kind=AccountKind.DOMAIN), voucher
     )
-    assert person.secret is not None
-    burst = Burst(
-        burst_of(wrong_codes(person.secret, BURST), code_at(person.secret, PERIOD), position)
-    )
+    burst = code_burst(person.secret, position, ahead=PERIOD)
 
     async def verify(replica: Replica, code: str, metadata: Metadata) -> pb.VerifyCodeResponse:
         request = pb.VerifyCodeRequest(username=person.username, code=code)
@@ -283,10 +289,7 @@ async def test_sign_in_code_bursts_keep_the_budget(
 ) -> None:
     """The right password with wrong codes, and the right code among them."""
     person = await enroll_on(replicas[0], await actors.create("user"))
-    assert person.secret is not None
-    burst = Burst(
-        burst_of(wrong_codes(person.secret, BURST), code_at(person.secret, PERIOD), position)
-    )
+    burst = code_burst(person.secret, position, ahead=PERIOD)
 
     async def sign_in(replica: Replica, code: str, metadata: Metadata) -> pb.SignInResponse:
         request = pb.SignInRequest(username=person.username, password=person.password, code=code)
@@ -307,10 +310,7 @@ async def test_domain_sign_in_bursts_keep_the_budget(
     person = await enroll_domain_on(
         replicas[1], await actors.create("user", kind=AccountKind.DOMAIN), voucher
     )
-    assert person.secret is not None
-    burst = Burst(
-        burst_of(wrong_codes(person.secret, BURST), code_at(person.secret, PERIOD), position)
-    )
+    burst = code_burst(person.secret, position, ahead=PERIOD)
 
     async def sign_in(
         replica: Replica, code: str, metadata: Metadata
@@ -335,7 +335,7 @@ async def test_complete_enrollment_bursts_keep_the_budget(
     )
     ticket = started.enrollment.enrollment_ticket
     secret = started.enrollment.pending_key.secret_base32
-    burst = Burst(burst_of(wrong_codes(secret, BURST), code_at(secret), position))
+    burst = code_burst(secret, position)
 
     async def complete(
         replica: Replica, code: str, metadata: Metadata
@@ -359,7 +359,7 @@ async def test_confirm_regenerate_bursts_keep_the_budget(
         pb.BeginRegenerateSecretRequest(), metadata=person.metadata()
     )
     secret = begun.pending_key.secret_base32
-    burst = Burst(burst_of(wrong_codes(secret, BURST), code_at(secret), position))
+    burst = code_burst(secret, position)
 
     async def confirm(
         replica: Replica, code: str, metadata: Metadata
@@ -387,8 +387,7 @@ async def test_step_up_bursts_keep_the_budget(
     administrator's own."""
     boss = await enroll_on(replicas[0], await actors.create("boss", rights=(ADMIN_RIGHT,)))
     target = await actors.user(protected=True)
-    assert boss.secret is not None
-    burst = Burst(burst_of(wrong_codes(boss.secret, BURST), code_at(boss.secret, PERIOD), position))
+    burst = code_burst(boss.secret, position, ahead=PERIOD)
 
     async def reset(replica: Replica, code: str, metadata: Metadata) -> pb.ResetSecretResponse:
         proof = boss.metadata(x_step_up_password=boss.password, x_step_up_code=code)

@@ -123,7 +123,7 @@ async def test_calls_and_verify_outcomes_are_counted(
         ("SignIn", "OK"): 2,
         ("CompleteEnrollment", "OK"): 1,
         ("VerifyCode", "OK"): 3,
-        # The ErrorInterceptor's abort, as the client saw it.
+        # The error step's abort, as the client saw it.
         ("SignIn", "UNAUTHENTICATED"): 1,
     }
     for (method, status), count in moved.items():

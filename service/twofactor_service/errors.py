@@ -1,7 +1,7 @@
 """Domain errors: each carries a gRPC status, a stable ErrorInfo reason and an actionable message.
 
-One interceptor (transport.errors) turns them into a `google.rpc.Status`. Messages never hold a
-secret, code, password or token.
+One step of the call pipeline (transport/pipeline.py) turns them into a `google.rpc.Status`.
+Messages never hold a secret, code, password or token.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import grpc
 class TwoFactorError(Exception):
     code: grpc.StatusCode = grpc.StatusCode.FAILED_PRECONDITION
     reason: str = "FAILED_PRECONDITION"
-    # Whether the error interceptor writes the refusal to the audit log: not where writing would
+    # Whether the pipeline's error step writes the refusal to the audit log: not where writing would
     # add to the very load or outage being reported (it is still logged and counted), nor where
     # the operation recorded it already (a failed attempt, with its settlement).
     audited: bool = True

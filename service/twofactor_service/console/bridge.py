@@ -1,7 +1,7 @@
 """Forwards a browser's gRPC-Web call to this process's own gRPC server, as bytes.
 
 The call goes over a unix socket that only this process listens on (server.py adds it), into
-the same grpc.aio server as a native call, so the same interceptors decide it: authentication,
+the same grpc.aio server as a native call, so the same call pipeline decides it: authentication,
 rights, two-factor, step-up, throttling, audit. Nothing here knows a rule; the bridge only
 changes the framing, and chooses what crosses:
 

@@ -1,1 +1,1 @@
-"""gRPC transport: interceptors that enforce the proto's policy, and the servicer."""
+"""gRPC transport: the call pipeline that enforces the proto's policy, and the servicer."""

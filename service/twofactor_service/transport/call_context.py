@@ -1,4 +1,4 @@
-"""Per-call state, carried in contextvars from the interceptors to the handlers."""
+"""Per-call state, carried in contextvars from the call pipeline to the handlers."""
 
 from __future__ import annotations
 

@@ -8,7 +8,7 @@ channel `twofactor_identity` with the account's id (migration 004), delivered at
 every process that listens. So a change is seen:
 
 - by the replica that made it, before the call that made it answers: the authentication
-  interceptor drops the account that a changing call acted on;
+  step drops the account that a changing call acted on;
 - by every other replica within the notification's delivery (milliseconds), and at worst
   within `ttl_seconds` (TWOFACTOR_IDENTITY_CACHE_SECONDS, 2 s by default): an entry older than
   that is resolved again from PostgreSQL, whatever was heard;

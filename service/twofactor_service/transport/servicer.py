@@ -1,5 +1,6 @@
 """The TwoFactorService servicer: each handler turns a request into plain values, calls one
-operation, and turns its result into the response. Policy lives in the interceptors."""
+operation, and turns its result into the response. Policy lives in the call pipeline
+(transport/pipeline.py)."""
 
 from __future__ import annotations
 
