@@ -396,11 +396,22 @@ def test_delays_never_shrink_and_are_capped(policy: LockoutPolicy, failures: int
 
 @given(policies, st.integers(1, 10_000))
 def test_the_schedule_sql_applies_matches_the_rule(policy: LockoutPolicy, failures: int) -> None:
-    """accounts.record_failure applies `schedule[min(n, len) - 1]` after n failures."""
+    """The payment's SQL reads `schedule[min(n, len)]` (1-based) after n failures."""
     schedule = lockout_schedule(policy)
     assert schedule[-1] == policy.max_delay_seconds
     assert len(schedule) <= policy.free_failures + 32
     assert schedule[min(failures, len(schedule)) - 1] == lockout_delay_seconds(failures, policy)
+
+
+async def test_the_sql_lockout_delay_is_the_rule(db: Connection) -> None:
+    """lockout_delay() (migration 003), which every payment applies, against the rule."""
+    for policy in (LockoutPolicy(), LockoutPolicy(free_failures=1, first_delay_seconds=7)):
+        schedule = lockout_schedule(policy)
+        for failures in (1, 2, 4, 5, 6, 9, 40, 10_000):
+            delay = await db.fetchval(
+                "SELECT extract(epoch FROM lockout_delay($1, $2::int[]))::int", failures, schedule
+            )
+            assert (delay or 0) == lockout_delay_seconds(failures, policy), (policy, failures)
 
 
 def test_a_persistent_guesser_gets_about_a_hundred_guesses_a_day() -> None:
