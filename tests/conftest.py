@@ -103,6 +103,10 @@ class Lines(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         self.lines.append(self.format(record))
 
+    def write_line(self, line: str) -> None:
+        """The access log's lines, built without a record (logs.write_line)."""
+        self.lines.append(line)
+
 
 @pytest.fixture
 def log_lines() -> Iterator[list[str]]:

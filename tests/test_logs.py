@@ -5,6 +5,7 @@ token or enrollment ticket."""
 from __future__ import annotations
 
 import json
+import logging
 import re
 import uuid
 
@@ -16,6 +17,7 @@ from twofactor.v1 import twofactor_service_pb2_grpc as pb_grpc
 
 from tests.support import VERIFY_RIGHT, Actors, access_lines, error_reason
 from twofactor_service import rules
+from twofactor_service.logs import JsonFormatter
 
 
 class Scenario:
@@ -148,3 +150,31 @@ async def test_no_log_line_holds_a_secret_and_each_call_is_logged_with_its_reque
     assert reset_codes == [missing.value.code().name, failed.value.code().name, "OK"]
     # Calls without x-request-id get one generated, which the access log shows.
     assert all(e["request_id"] for e in access_lines(log_lines, "CompleteEnrollment"))
+
+
+async def test_access_lines_are_json_of_the_formatter_shape_whatever_request_id_is_sent(
+    stub: pb_grpc.TwoFactorServiceAsyncStub, log_lines: list[str]
+) -> None:
+    """The access log builds its lines without the formatter: they must still parse, one object
+    per line, with the keys in the formatter's order, whatever printable text a client chose."""
+    sent = ['a"b\\c}{"level": "ERROR"', 'say "hi" \\ } {']
+    for request_id in sent:
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await stub.VerifyCode(
+                pb.VerifyCodeRequest(username="alice", code="123456"),
+                metadata=(("x-request-id", request_id),),
+            )
+        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    lines = [line for line in log_lines if '"twofactor_service.access"' in line]
+    entries = [json.loads(line) for line in lines]
+    assert [e["request_id"] for e in entries] == sent
+    assert [e["code"] for e in entries] == ["UNAUTHENTICATED"] * 2
+    record = logging.makeLogRecord(
+        {"name": "twofactor_service.access", "levelno": logging.INFO, "levelname": "INFO"}
+        | {"msg": "rpc", "method": "m", "code": "c", "duration_ms": 1, "request_id": "", "peer": ""}
+    )
+    formatted = json.loads(JsonFormatter().format(record))
+    for entry in entries:
+        assert list(entry) == list(formatted)
+        assert entry["level"] == "INFO"
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}\+00:00", entry["time"])

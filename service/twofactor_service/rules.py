@@ -7,7 +7,6 @@ arithmetic (RFC 4226 §7.3, NIST SP 800-63B §5.2.2) and input validation.
 from __future__ import annotations
 
 import enum
-import string
 import unicodedata
 from dataclasses import dataclass
 
@@ -159,7 +158,11 @@ def validate_username(value: str, field: str = "username") -> str:
         raise InvalidArgument(field, f"must be at most {MAX_USERNAME_LENGTH} characters")
     if value != value.strip():
         raise InvalidArgument(field, "must not start or end with white space")
-    if any(unicodedata.category(ch).startswith("C") for ch in value):
+    # Printable ASCII (most names) holds no such character; the per-character look is for the
+    # rest.
+    if not (value.isascii() and value.isprintable()) and any(
+        unicodedata.category(ch).startswith("C") for ch in value
+    ):
         raise InvalidArgument(field, "must not contain control or unassigned characters")
     return value
 
@@ -168,7 +171,7 @@ def validate_code_shape(value: str, field: str = "code") -> str:
     """A code whose key's digit count is not known yet: 6 to 8 ASCII digits."""
     if not value:
         raise InvalidArgument(field, "is required")
-    if not 6 <= len(value) <= 8 or not all(ch in string.digits for ch in value):
+    if not 6 <= len(value) <= 8 or not (value.isascii() and value.isdigit()):
         raise InvalidArgument(field, "must be 6 to 8 digits (0-9)")
     return value
 

@@ -1,13 +1,21 @@
 """The access log: one line per call, with the method, the final status code, the duration,
 the request id and the peer. Never the request or the response, which hold passwords, codes,
-secrets, tokens and tickets."""
+secrets, tokens and tickets.
+
+The line is built here, in the shape of logs.JsonFormatter's, and written with logs.write_line:
+no LogRecord, no formatter (a sixth of a VerifyCode's CPU, docs/performance.md). The values a
+client chose (the request id, a forwarded peer) are JSON-escaped like any other.
+"""
 
 from __future__ import annotations
 
 import logging
+import time
+from json.encoder import encode_basestring_ascii as json_string  # json.dumps, for one str
 
 import grpc
 
+from twofactor_service import logs
 from twofactor_service.transport.call_context import call_info
 from twofactor_service.transport.pipeline import Context, Report
 
@@ -30,6 +38,11 @@ def reporter(method: str, kind: str) -> Report:
     client gets and the request id the pipeline settled on (the caller's x-request-id, or a new
     one)."""
     level = logging.DEBUG if method.startswith(_QUIET_PREFIXES) else logging.INFO
+    # Everything up to the status code is the same for every call of the method.
+    fixed = (
+        f'"level": "{logging.getLevelName(level)}", "logger": "{log.name}", "message": "rpc", '
+        f'"method": {json_string(method)}, "code": "'
+    )
 
     def report(context: Context, code: grpc.StatusCode, seconds: float) -> None:
         if not log.isEnabledFor(level):
@@ -39,16 +52,10 @@ def reporter(method: str, kind: str) -> Report:
             request_id, peer = info.request_id, info.peer
         else:  # not one of TwoFactorService's methods: no request id was settled on
             request_id, peer = _request_id_sent(context), context.peer() or ""
-        log.log(
-            level,
-            "rpc",
-            extra={
-                "method": method,
-                "code": code.name,
-                "duration_ms": round(seconds * 1000, 3),
-                "request_id": request_id,
-                "peer": peer,
-            },
+        logs.write_line(
+            f'{{"time": "{logs.timestamp(time.time())}", {fixed}{code.name}", '
+            f'"duration_ms": {round(seconds * 1000, 3)}, "request_id": {json_string(request_id)}, '
+            f'"peer": {json_string(peer)}}}'
         )
 
     return report
