@@ -49,7 +49,7 @@ proto-check: install
 
 ## VerifyCode against a bare gRPC server in the same run (`ratio:`), SignIn, and 2 worker
 ## processes vs 1, on the embedded PostgreSQL in .data/bench (docs/performance.md).
-## Not part of `make test`. Knobs: BENCH_DURATION=10 BENCH_WARMUP=2 BENCH_CONCURRENCY=64
+## Not part of `make test`. Knobs: BENCH_DURATION=20 BENCH_WARMUP=2 BENCH_CONCURRENCY=64
 ## BENCH_ACCOUNTS=20000 BENCH_WRONG_SHARE=0.05 BENCH_PHASES=... BENCH_SOAK=60 (memory
 ## flatness) BENCH_PROFILE=1 (py-spy of the server under VerifyCode load).
 bench: install

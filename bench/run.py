@@ -32,7 +32,7 @@ import sys
 import time
 import urllib.request
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -68,7 +68,7 @@ def parse_args() -> argparse.Namespace:
     add(
         "--duration",
         type=float,
-        default=float(_env("BENCH_DURATION", "10")),
+        default=float(_env("BENCH_DURATION", "20")),
         help="measured seconds per phase (BENCH_DURATION)",
     )
     add(
@@ -156,13 +156,25 @@ def process_tree(pid: int) -> list[int]:
     return tree
 
 
-def cpu_seconds(pids: list[int]) -> float:
-    total = 0
+def cpu_by_pid(pids: list[int]) -> dict[int, float]:
+    """Each live process's CPU seconds so far (user + system)."""
+    seconds = {}
     for pid in pids:
         with contextlib.suppress(OSError):
             fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            total += int(fields[11]) + int(fields[12])  # utime, stime
-    return total / CLOCK_TICKS
+            seconds[pid] = (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime, stime
+    return seconds
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    return sum(cpu_by_pid(pids).values())
+
+
+def cpu_since(before: dict[int, float], pids: list[int]) -> float:
+    """CPU seconds the processes alive now spent since `before` was read (those started since,
+    all of theirs). A process that ended meanwhile (an autovacuum worker, say) is left out
+    instead of having its earlier CPU subtracted; what it spent goes to "other"."""
+    return sum(now - before.get(pid, 0.0) for pid, now in cpu_by_pid(pids).items())
 
 
 def machine_busy_seconds() -> float:
@@ -428,10 +440,11 @@ def run_load(
         clients.append(subprocess.Popen(command, stdout=subprocess.PIPE))  # noqa: S603
     measure_from = start_at + warmup
     time.sleep(max(0.0, measure_from - time.time()))
-    watched = {"load": [c.pid for c in clients]}
+    # Each party's processes, looked up again at the end: PostgreSQL starts and ends backends.
+    watched: dict[str, Callable[[], list[int]]] = {"load": lambda: [c.pid for c in clients]}
     if server.process is not None:  # a deployed service's processes are not here to watch
-        watched |= {"server": server.pids, "postgres": postgres_pids(args.data_dir)}
-    before = {k: cpu_seconds(v) for k, v in watched.items()}
+        watched |= {"server": lambda: server.pids, "postgres": lambda: postgres_pids(args.data_dir)}
+    before = {k: cpu_by_pid(pids()) for k, pids in watched.items()}
     batches_before = batch_histogram(server)
     workers = server.serving_pids if server.supervisor else []
     workers_before = [cpu_seconds([p]) for p in workers]
@@ -446,7 +459,7 @@ def run_load(
         (bound, batches_after.get(bound, 0.0) - batches_before.get(bound, 0.0))
         for bound in sorted(batches_after)
     ]
-    result.cpu = {k: (cpu_seconds(v) - before[k]) / elapsed * 100 for k, v in watched.items()}
+    result.cpu = {k: cpu_since(before[k], pids()) / elapsed * 100 for k, pids in watched.items()}
     # How the kernel spread the connections (SO_REUSEPORT): each worker's share of the work.
     result.worker_cpu = [
         (cpu_seconds([p]) - b) / elapsed * 100 for p, b in zip(workers, workers_before, strict=True)
