@@ -85,5 +85,10 @@ async def test_every_stderr_line_of_a_serve_run_is_one_json_object(tmp_path: Pat
     messages = [r["message"] for r in records]
     assert "serving" in messages
     assert messages[-1] == "shutting down"
+    # The access log's lines, built without the logging machinery, reach stderr too.
+    sign_ins = [r for r in records if r.get("method") == "/twofactor.v1.TwoFactorService/SignIn"]
+    assert [(r["logger"], r["code"]) for r in sign_ins] == [
+        ("twofactor_service.access", "UNAUTHENTICATED")
+    ] * 3
     # The greeting for the person at the terminal goes to stdout.
     assert stdout_path.read_text().startswith(f"TwoFactorService listening on {address}.")

@@ -17,6 +17,7 @@ import logging
 import sys
 import threading
 import time
+from collections import deque
 from datetime import UTC, datetime
 from typing import TextIO
 
@@ -30,14 +31,16 @@ def timestamp(seconds: float) -> str:
     second)."""
     global _second
     whole = int(seconds)
-    if _second[0] != whole:
-        _second = (whole, datetime.fromtimestamp(whole, UTC).strftime("%Y-%m-%dT%H:%M:%S"))
-    return f"{_second[1]}.{int((seconds - whole) * 1000):03d}+00:00"
+    cached = _second  # read once: another thread may replace it meanwhile
+    if cached[0] != whole:
+        cached = _second = (whole, datetime.fromtimestamp(whole, UTC).strftime("%Y-%m-%dT%H:%M:%S"))
+    return f"{cached[1]}.{int((seconds - whole) * 1000):03d}+00:00"
 
 
 def write_line(line: str) -> None:
     """A line already formatted as JsonFormatter formats a record, to the root logger's handlers
-    that take lines. The caller checked its logger's level."""
+    that take lines (configure()'s does; a handler without `write_line` gets none). The caller
+    checked its logger's level."""
     for handler in logging.getLogger().handlers:
         write = getattr(handler, "write_line", None)
         if write is not None:
@@ -80,7 +83,9 @@ class BatchedStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
     def __init__(self, stream: TextIO, capacity: int = 512) -> None:
         super().__init__(stream)
         self.capacity = capacity
-        self.waiting: list[str] = []
+        # Appended to without the lock (the access log's lines) and taken from under it: a
+        # deque's append and popleft are atomic, so no line is lost between the two.
+        self.waiting: deque[str] = deque()
         flusher = threading.Thread(target=self._flush_now_and_then, name="log-flush", daemon=True)
         flusher.start()
 
@@ -102,7 +107,7 @@ class BatchedStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
     def flush(self) -> None:
         with self.lock:  # type: ignore[union-attr]
             if self.waiting:
-                lines, self.waiting = self.waiting, []
+                lines = [self.waiting.popleft() for _ in range(len(self.waiting))]
                 self.stream.write("\n".join(lines) + "\n")
             self.stream.flush()
 
