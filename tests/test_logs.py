@@ -140,14 +140,19 @@ async def test_no_log_line_holds_a_secret_and_each_call_is_logged_with_its_reque
     ]
     assert len(verify_lines) == 2
     for entry in verify_lines:
-        assert entry["code"] == "OK"
+        assert (entry["code"], entry["reason"]) == ("OK", "")
         assert entry["level"] == "INFO"
         assert isinstance(entry["duration_ms"], float | int)
         assert str(entry["peer"]).startswith(("ipv4:", "ipv6:"))
     [wrong_line] = [e for e in access_lines(log_lines, "SignIn") if e["request_id"] == wrong_id]
-    assert wrong_line["code"] == "UNAUTHENTICATED"
-    reset_codes = [e["code"] for e in access_lines(log_lines, "ResetSecret")]
-    assert reset_codes == [missing.value.code().name, failed.value.code().name, "OK"]
+    assert (wrong_line["code"], wrong_line["reason"]) == ("UNAUTHENTICATED", "INVALID_CREDENTIALS")
+    # A refusal's line names its ErrorInfo reason, as the client got it.
+    resets = [(e["code"], e["reason"]) for e in access_lines(log_lines, "ResetSecret")]
+    assert resets == [
+        (missing.value.code().name, "STEP_UP_REQUIRED"),
+        (failed.value.code().name, "STEP_UP_FAILED"),
+        ("OK", ""),
+    ]
     # Calls without x-request-id get one generated, which the access log shows.
     assert all(e["request_id"] for e in access_lines(log_lines, "CompleteEnrollment"))
 
@@ -168,13 +173,38 @@ async def test_access_lines_are_json_of_the_formatter_shape_whatever_request_id_
     lines = [line for line in log_lines if '"twofactor_service.access"' in line]
     entries = [json.loads(line) for line in lines]
     assert [e["request_id"] for e in entries] == sent
-    assert [e["code"] for e in entries] == ["UNAUTHENTICATED"] * 2
+    assert [(e["code"], e["reason"]) for e in entries] == [
+        ("UNAUTHENTICATED", "UNAUTHENTICATED")
+    ] * 2
     record = logging.makeLogRecord(
         {"name": "twofactor_service.access", "levelno": logging.INFO, "levelname": "INFO"}
-        | {"msg": "rpc", "method": "m", "code": "c", "duration_ms": 1, "request_id": "", "peer": ""}
+        | {"msg": "rpc", "method": "m", "code": "c", "reason": "", "duration_ms": 1}
+        | {"request_id": "", "peer": ""}
     )
     formatted = json.loads(JsonFormatter().format(record))
     for entry in entries:
         assert list(entry) == list(formatted)
         assert entry["level"] == "INFO"
         assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}\+00:00", entry["time"])
+
+
+async def test_the_request_id_comes_back_in_a_trailer_with_an_answer_and_with_a_refusal(
+    actors: Actors, stub: pb_grpc.TwoFactorServiceAsyncStub
+) -> None:
+    verifier = await actors.service()
+    bob = await actors.user()
+    answered = stub.VerifyCode(
+        pb.VerifyCodeRequest(username=bob.username, code=bob.next_code()),
+        metadata=(*verifier.metadata(), ("x-request-id", "answered-1")),
+    )
+    assert (await answered).result == enums_pb2.VERIFY_CODE_RESULT_OK
+    assert ("x-request-id", "answered-1") in tuple(await answered.trailing_metadata())
+
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await stub.SignIn(
+            pb.SignInRequest(username=bob.username, password="not bob's password"),
+            metadata=(("x-request-id", "refused-1"),),
+        )
+    assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert error_reason(refused.value) == "INVALID_CREDENTIALS"  # the details are there too
+    assert ("x-request-id", "refused-1") in tuple(refused.value.trailing_metadata())

@@ -58,7 +58,7 @@ async def test_bytes_that_are_not_the_request_are_a_bad_argument(
 
         await wait_until(logged, within=5, what=f"the access log line of {method}")
         [line] = access_lines(log_lines, method)
-        assert line["code"] == "INVALID_ARGUMENT"
+        assert (line["code"], line["reason"]) == ("INVALID_ARGUMENT", "MALFORMED_REQUEST")
         records = [json.loads(text) for text in log_lines]
         assert not [r for r in records if r["level"] in ("ERROR", "CRITICAL")], records
         assert not [text for text in log_lines if "Traceback" in text or "DecodeError" in text]

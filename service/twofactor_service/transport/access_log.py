@@ -1,6 +1,6 @@
-"""The access log: one line per call, with the method, the final status code, the duration,
-the request id and the peer. Never the request or the response, which hold passwords, codes,
-secrets, tokens and tickets.
+"""The access log: one line per call, with the method, the final status code, the reason of a
+refusal (its ErrorInfo reason), the duration, the request id and the peer. Never the request or
+the response, which hold passwords, codes, secrets, tokens and tickets.
 
 The line is built here, in the shape of logs.JsonFormatter's, and written with logs.write_line:
 no LogRecord, no formatter (a sixth of a VerifyCode's CPU, docs/performance.md). The values a
@@ -44,7 +44,7 @@ def reporter(method: str, kind: str) -> Report:
         f'"method": {json_string(method)}, "code": "'
     )
 
-    def report(context: Context, code: grpc.StatusCode, seconds: float) -> None:
+    def report(context: Context, code: grpc.StatusCode, seconds: float, reason: str) -> None:
         if not log.isEnabledFor(level):
             return
         info = call_info.get(None)
@@ -54,8 +54,8 @@ def reporter(method: str, kind: str) -> Report:
             request_id, peer = _request_id_sent(context), context.peer() or ""
         logs.write_line(
             f'{{"time": "{logs.timestamp(time.time())}", {fixed}{code.name}", '
-            f'"duration_ms": {round(seconds * 1000, 3)}, "request_id": {json_string(request_id)}, '
-            f'"peer": {json_string(peer)}}}'
+            f'"reason": "{reason}", "duration_ms": {round(seconds * 1000, 3)}, '
+            f'"request_id": {json_string(request_id)}, "peer": {json_string(peer)}}}'
         )
 
     return report

@@ -105,7 +105,7 @@ def reporter(method: str, kind: str) -> Report:
     service, _, name = method.lstrip("/").rpartition("/")
     children: dict[grpc.StatusCode, tuple[Any, Any]] = {}
 
-    def report(context: Context, code: grpc.StatusCode, seconds: float) -> None:
+    def report(context: Context, code: grpc.StatusCode, seconds: float, reason: str) -> None:
         counted = children.get(code)
         if counted is None:
             labels = (service, name, kind, code.name)

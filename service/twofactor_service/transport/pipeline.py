@@ -60,8 +60,9 @@ Context = grpc.aio.ServicerContext[Any, Any]
 Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
 UnaryBehaviour = Callable[[Message, Context], Awaitable[Any]]
 StreamBehaviour = Callable[[Message, Context], AsyncIterator[Any]]
-# Called once per call, after it ended: (context, final status code, seconds it took).
-Report = Callable[[Context, grpc.StatusCode, float], None]
+# Called once per call, after it ended: (context, final status code, seconds it took, the
+# ErrorInfo reason of a refusal or "").
+Report = Callable[[Context, grpc.StatusCode, float, str], None]
 # Makes the report of one method: (method path, "unary" or "server_stream") -> Report.
 Reporter = Callable[[str, str], Report]
 
@@ -117,6 +118,13 @@ def final_code(context: Context, exc: BaseException | None) -> grpc.StatusCode:
     return grpc.StatusCode.UNKNOWN
 
 
+def ended(report: Report, context: Context, started: float, failure: BaseException | None) -> None:
+    """Reports a call that began at `started` (perf_counter) and ended with `failure` or not."""
+    error = None if failure is None else _as_domain_error(failure)
+    reason = "" if error is None else error.reason
+    report(context, final_code(context, failure), time.perf_counter() - started, reason)
+
+
 def call_type(handler: Handler) -> str:
     return "unary" if handler.unary_unary is not None else "server_stream"
 
@@ -135,7 +143,7 @@ def observed(handler: Handler, report: Report) -> Handler:
                 failure = exc
                 raise
             finally:
-                report(context, final_code(context, failure), time.perf_counter() - started)
+                ended(report, context, started, failure)
 
         return grpc.unary_unary_rpc_method_handler(
             unary, handler.request_deserializer, handler.response_serializer
@@ -154,7 +162,7 @@ def observed(handler: Handler, report: Report) -> Handler:
                 failure = exc
                 raise
             finally:
-                report(context, final_code(context, failure), time.perf_counter() - started)
+                ended(report, context, started, failure)
 
         return grpc.unary_stream_rpc_method_handler(
             writer, handler.request_deserializer, handler.response_serializer
@@ -172,7 +180,7 @@ def observed(handler: Handler, report: Report) -> Handler:
                 failure = exc
                 raise
             finally:
-                report(context, final_code(context, failure), time.perf_counter() - started)
+                ended(report, context, started, failure)
 
         return grpc.unary_stream_rpc_method_handler(
             stream, handler.request_deserializer, handler.response_serializer
@@ -256,10 +264,15 @@ class Errors:
         if isinstance(request, _Malformed):
             raise errors.MalformedRequest(request.message_type)
 
-    async def fail(self, context: Context, exc: BaseException) -> None:
-        """Raises: the exception itself (a cancellation, an abort that chose its status), or an
-        abort with the status of the domain error it is, or INTERNAL."""
-        if isinstance(exc, asyncio.CancelledError | grpc.aio.AbortError):
+    async def refuse(self, context: Context, exc: BaseException) -> None:
+        """Sets the status the call ends with: the domain error's that `exc` is (with its
+        google.rpc details and the x-request-id trailer), or INTERNAL. A cancellation, a stream
+        the client closed, or an abort a handler chose itself is raised again.
+
+        The status is set, not raised with abort(): the handler then returns no response and
+        gRPC sends the status, with no AbortError unwound through its frames. A refusal costs
+        less that way, which matters when a flood of them is what the service answers."""
+        if isinstance(exc, asyncio.CancelledError | GeneratorExit | grpc.aio.AbortError):
             raise exc
         error = _as_domain_error(exc)
         info = call_info.get()
@@ -269,23 +282,19 @@ class Errors:
                 extra={"operation": self.operation, "request_id": info.request_id},
                 exc_info=exc,
             )
-            await context.abort(
-                grpc.StatusCode.INTERNAL,
-                f"internal error; quote request id {info.request_id} to the operator",
+            context.set_code(grpc.StatusCode.INTERNAL)
+            context.set_details(
+                f"internal error; quote request id {info.request_id} to the operator"
             )
-        assert error is not None
+            return
         if error.audited:
             await self._audit(error.reason)
-        log.info(
-            "call refused",
-            extra={
-                "operation": self.operation,
-                "request_id": info.request_id,
-                "code": error.code.name,
-                "reason": error.reason,
-            },
+        status = rpc_status.to_status(error_status(error))
+        context.set_code(status.code)
+        context.set_details(status.details)
+        context.set_trailing_metadata(
+            (*status.trailing_metadata, ("x-request-id", info.request_id))
         )
-        await context.abort_with_status(rpc_status.to_status(error_status(error)))
 
     async def _audit(self, reason: str) -> None:
         info = call_info.get()
@@ -461,9 +470,9 @@ class Pipeline:
     def _report(self, method: str, handler: Handler) -> Report:
         reports = [make(method, call_type(handler)) for make in self.reporters]
 
-        def report(context: Context, code: grpc.StatusCode, seconds: float) -> None:
+        def report(context: Context, code: grpc.StatusCode, seconds: float, reason: str) -> None:
             for each in reports:
-                each(context, code, seconds)
+                each(context, code, seconds, reason)
 
         return report
 
@@ -500,12 +509,12 @@ class Pipeline:
                     finally:
                         if changes_accounts:
                             authentication.forget_changed()
-                except BaseException as exc:
+                except BaseException as exc:  # noqa: BLE001 - refuse() raises a cancellation
                     failure = exc
-                    await errors_step.fail(context, exc)
-                    raise
+                    await errors_step.refuse(context, exc)
+                    return None
                 finally:
-                    report(context, final_code(context, failure), time.perf_counter() - started)
+                    ended(report, context, started, failure)
 
             return grpc.unary_unary_rpc_method_handler(
                 unary, deserializer, handler.response_serializer
@@ -522,12 +531,11 @@ class Pipeline:
                 await admit(request, context, metadata)
                 async for item in inner_stream(request, context):
                     yield item
-            except BaseException as exc:
+            except BaseException as exc:  # noqa: BLE001 - refuse() raises a cancellation
                 failure = exc
-                await errors_step.fail(context, exc)
-                raise
+                await errors_step.refuse(context, exc)
             finally:
-                report(context, final_code(context, failure), time.perf_counter() - started)
+                ended(report, context, started, failure)
 
         return grpc.unary_stream_rpc_method_handler(
             stream, deserializer, handler.response_serializer
