@@ -85,11 +85,22 @@ class Verifier:
     def _schedule(self) -> None:
         if self._scheduled or not self._waiting or self._in_flight >= self._max_in_flight:
             return
+        # The task's first step runs on the event loop's next turn: every call that arrives
+        # until then joins its batch.
         self._scheduled = True
-        asyncio.get_running_loop().call_soon(self._start_batch)
+        self._in_flight += 1
+        task = asyncio.create_task(self._run())
+        self._tasks.add(task)
+        task.add_done_callback(self._finished)
 
-    def _start_batch(self) -> None:
-        self._scheduled = False
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        self._in_flight -= 1
+        if task.cancelled():
+            self._scheduled = False  # it may have been cancelled before its first step
+        self._schedule()
+
+    def _take_batch(self) -> list[_Call]:
         batch: dict[str, _Call] = {}
         later: list[_Call] = []
         for call in self._waiting:
@@ -100,19 +111,13 @@ class Verifier:
             else:
                 batch[call.username_key] = call
         self._waiting = later
+        return list(batch.values())
+
+    async def _run(self) -> None:
+        self._scheduled = False
+        batch = self._take_batch()
         if not batch:
             return
-        self._in_flight += 1
-        task = asyncio.create_task(self._run(list(batch.values())))
-        self._tasks.add(task)
-        task.add_done_callback(self._finished)
-
-    def _finished(self, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
-        self._in_flight -= 1
-        self._schedule()
-
-    async def _run(self, batch: list[_Call]) -> None:
         self._observe_batch(len(batch))
         try:
             outcomes = await self._verify_batch(batch)
