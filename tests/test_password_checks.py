@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import statistics
 import sys
 import time
@@ -33,7 +34,8 @@ from twofactor_service.rules import AccountKind
 from twofactor_service.store import accounts
 from twofactor_service.store.database import Connection
 
-PROBES = 40
+PROBES = 40  # per block
+BLOCKS = 4  # idle and flooded blocks, alternating
 FLOOD_CONCURRENCY = 24  # the flood that starved VerifyCode in the issue
 
 
@@ -74,14 +76,12 @@ async def test_a_sign_in_flood_leaves_verify_code_within_three_times_its_idle_la
             )
             return took
 
-        idle = statistics.median([await probe() for _ in range(PROBES)])
-
-        # The guesser runs at the lowest CPU priority: it stands for a client on another
-        # machine, whose own CPU is not the server's (here all share two cores).
+        # The guesser runs in the lowest CPU class (SCHED_IDLE): it stands for a client on
+        # another machine, whose own CPU is not the server's (here all share two cores).
         flooder = await asyncio.create_subprocess_exec(
-            "nice",
-            "-n",
-            "19",
+            "chrt",
+            "--idle",
+            "0",
             sys.executable,
             "-m",
             "tests.flood",
@@ -90,9 +90,25 @@ async def test_a_sign_in_flood_leaves_verify_code_within_three_times_its_idle_la
             stdout=asyncio.subprocess.PIPE,
         )
         assert flooder.stdout is not None
+
+        async def said(what: bytes) -> None:
+            assert flooder.stdout is not None
+            assert await asyncio.wait_for(flooder.stdout.readline(), 60) == what
+
+        # Idle and flooded blocks alternate, so that whatever else changes on the machine
+        # meanwhile weighs on both medians alike. Idle: the flooder is paused, and none of its
+        # calls is in flight.
+        idle: list[float] = []
+        flooded: list[float] = []
         try:
-            assert await asyncio.wait_for(flooder.stdout.readline(), 60) == b"flooding\n"
-            flooded = statistics.median([await probe() for _ in range(PROBES)])
+            await said(b"flooding\n")
+            for _ in range(BLOCKS):
+                flooded += [await probe() for _ in range(PROBES)]
+                flooder.send_signal(signal.SIGUSR1)
+                await said(b"paused\n")
+                idle += [await probe() for _ in range(PROBES)]
+                flooder.send_signal(signal.SIGUSR2)
+                await said(b"flooding\n")
         finally:
             flooder.terminate()
             report, _ = await flooder.communicate()
@@ -104,7 +120,11 @@ async def test_a_sign_in_flood_leaves_verify_code_within_three_times_its_idle_la
     # (the guesses admitted are checked at the lowest CPU priority, when the CPU is free).
     assert answers["PASSWORD_CHECKS_BUSY"] > 0, answers
     assert set(answers) <= {"INVALID_CREDENTIALS", "PASSWORD_CHECKS_BUSY"}, answers
-    assert flooded <= 3 * idle, (f"idle median {idle * 1000:.1f} ms", f"{flooded * 1000:.1f} ms")
+    idle_median, flooded_median = statistics.median(idle), statistics.median(flooded)
+    assert flooded_median <= 3 * idle_median, (
+        f"idle median {idle_median * 1000:.1f} ms",
+        f"flooded median {flooded_median * 1000:.1f} ms",
+    )
 
 
 async def test_a_flood_of_made_up_names_keeps_their_counters_within_the_bucket_count(
