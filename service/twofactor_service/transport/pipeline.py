@@ -129,43 +129,36 @@ def call_type(handler: Handler) -> str:
     return "unary" if handler.unary_unary is not None else "server_stream"
 
 
+def _observed_coroutine(inner: UnaryBehaviour, report: Report) -> UnaryBehaviour:
+    async def observed_call(request: Message, context: Context) -> Any:
+        started = time.perf_counter()
+        failure: BaseException | None = None
+        try:
+            return await inner(request, context)
+        except BaseException as exc:
+            failure = exc
+            raise
+        finally:
+            ended(report, context, started, failure)
+
+    return observed_call
+
+
 def observed(handler: Handler, report: Report) -> Handler:
     """Health and reflection: the handler, reporting its outcome when the call ends."""
     if handler.unary_unary is not None:
-        inner_unary = cast(UnaryBehaviour, handler.unary_unary)
-
-        async def unary(request: Message, context: Context) -> Any:
-            started = time.perf_counter()
-            failure: BaseException | None = None
-            try:
-                return await inner_unary(request, context)
-            except BaseException as exc:
-                failure = exc
-                raise
-            finally:
-                ended(report, context, started, failure)
-
         return grpc.unary_unary_rpc_method_handler(
-            unary, handler.request_deserializer, handler.response_serializer
+            _observed_coroutine(cast(UnaryBehaviour, handler.unary_unary), report),
+            handler.request_deserializer,
+            handler.response_serializer,
         )
     if handler.unary_stream is not None and inspect.iscoroutinefunction(handler.unary_stream):
         # A stream written with `await context.write(...)`, not yielded: health's Watch, which
         # load balancers and client-side health checking (gRFC A17) call.
-        inner_writer = cast(UnaryBehaviour, handler.unary_stream)
-
-        async def writer(request: Message, context: Context) -> None:
-            started = time.perf_counter()
-            failure: BaseException | None = None
-            try:
-                await inner_writer(request, context)
-            except BaseException as exc:
-                failure = exc
-                raise
-            finally:
-                ended(report, context, started, failure)
-
         return grpc.unary_stream_rpc_method_handler(
-            writer, handler.request_deserializer, handler.response_serializer
+            _observed_coroutine(cast(UnaryBehaviour, handler.unary_stream), report),
+            handler.request_deserializer,
+            handler.response_serializer,
         )
     if handler.unary_stream is not None:
         inner_stream = cast(StreamBehaviour, handler.unary_stream)
