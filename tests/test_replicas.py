@@ -241,6 +241,27 @@ async def test_workers_share_one_port_and_the_supervisor_stops_with_them(
                 server.process.wait()
 
 
+async def test_a_replica_stopped_while_its_workers_start_stops_cleanly(
+    database_url: str, tmp_path: Path
+) -> None:
+    """An orchestrator may stop a replica at any time, also while its workers are still
+    importing and connecting (they have no SIGTERM handler yet): that is a stop as asked,
+    status 0, not a failure."""
+    server = start_replica(database_url, tmp_path / "starting.log", "--workers", "2")
+    try:
+        supervisor = psutil.Process(server.process.pid)
+        await wait_until(
+            functools.partial(_worker_count, supervisor, 2),
+            within=START_WITHIN_SECONDS,
+            what="2 worker processes",
+        )
+        assert await stop_replica(server) == 0, server.log.read_text()
+    finally:
+        if server.process.poll() is None:
+            server.process.kill()
+            server.process.wait()
+
+
 def _workers(supervisor: psutil.Process) -> list[psutil.Process]:
     """The supervisor's worker processes (multiprocessing's resource tracker is not one)."""
     return [

@@ -106,9 +106,16 @@ def run_workers(
                 return _stop(processes, stop_all)
         for process in processes:
             process.join(STOP_TIMEOUT_SECONDS)
-        clean = all(process.exitcode == 0 for process in processes)
+        # A worker still starting when the SIGTERM came had no handler for it yet; ended by
+        # that signal, it stopped as asked (it was serving nothing).
+        unclean = [p for p in processes if p.exitcode not in (0, -signal.SIGTERM)]
+        for process in unclean:
+            log.error(
+                "worker did not stop cleanly",
+                extra={"worker": process.name, "exit_code": process.exitcode},
+            )
         _kill_leftovers(processes)
-        return clean
+        return not unclean
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
