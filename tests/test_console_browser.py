@@ -223,7 +223,7 @@ async def test_the_seed_page_played_in_a_browser(
     await page.get_by_role("link", name="Administration Server properties").click()
     allowlist = page.get_by_role("region", name="Two-factor authentication allowlist")
     await allowlist.get_by_label("Account name").fill(alice.username)
-    await allowlist.get_by_role("button", name="Add").click()
+    await allowlist.get_by_role("button", name="Add", exact=True).click()
     await expect(allowlist.get_by_role("link", name=alice.username, exact=True)).to_be_visible()
     await screens.save(page, "administration-server-properties")
     alice.secret = None
