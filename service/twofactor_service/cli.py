@@ -160,6 +160,7 @@ def _status_json(record: AccountRecord) -> dict[str, Any]:
         "excluded": record.excluded,
         "protected": record.protected,
         "consecutive_failures": record.failed_attempts,
+        "recovery_codes_remaining": record.recovery_codes_remaining,
         "rights": [{"functional_area": a, "permission": p} for a, p in record.rights],
     }
 
@@ -169,6 +170,8 @@ def _print_status(record: AccountRecord, as_json: bool) -> None:
         print(json.dumps(_status_json(record)))
         return
     print(f"{record.username}: {record.state.value} ({record.kind.value.lower()} account)")
+    if record.recovery_codes_remaining:
+        print(f"  recovery codes left: {record.recovery_codes_remaining}")
     for area, permission in record.rights:
         print(f"  right: {permission} in {area!r}")
 
