@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import re
 from collections.abc import Awaitable
-from typing import TypeAlias
+from typing import Any, TypeAlias
 
 import grpc
 import pytest
@@ -26,6 +26,7 @@ from tests.support import (
     audit_rows_containing,
     error_reason,
 )
+from tests.test_cli import twofactor as twofactor
 from twofactor_service import recovery_codes
 from twofactor_service.errors import InvalidArgument
 from twofactor_service.rules import AccountKind
@@ -405,3 +406,24 @@ async def test_an_administrator_sees_another_accounts_remaining_codes(
     codes = (await generate(stub, bob)).recovery_codes
     await sign_in_with_recovery_code(stub, bob, codes[0])
     assert await remaining(stub, bob, reader=admin) == 9
+
+
+async def test_the_operator_sees_the_count_and_a_reset_at_the_terminal_voids_it(
+    actors: Actors, stub: Stub, twofactor: Any
+) -> None:
+    bob = await actors.user()
+    codes = (await generate(stub, bob)).recovery_codes
+
+    text, as_json = await asyncio.gather(
+        twofactor("status", bob.username), twofactor("status", bob.username, "--json")
+    )
+
+    assert text.code == as_json.code == 0, text.err
+    assert "  recovery codes left: 10" in text.out.splitlines()
+    assert as_json.json()["recovery_codes_remaining"] == 10
+    reset = await twofactor("reset-key", bob.username, "--json")
+    assert reset.code == 0, reset.err
+    assert reset.json()["recovery_codes_remaining"] == 0
+    # Set up again, the old codes stay void.
+    await actors.enroll(bob)
+    assert await refusal(sign_in_with_recovery_code(stub, bob, codes[0])) == INVALID_CREDENTIALS

@@ -170,8 +170,6 @@ def _print_status(record: AccountRecord, as_json: bool) -> None:
         print(json.dumps(_status_json(record)))
         return
     print(f"{record.username}: {record.state.value} ({record.kind.value.lower()} account)")
-    if record.recovery_codes_remaining:
-        print(f"  recovery codes left: {record.recovery_codes_remaining}")
     for area, permission in record.rights:
         print(f"  right: {permission} in {area!r}")
 
@@ -252,6 +250,7 @@ async def _status(runtime: Runtime, args: argparse.Namespace) -> int:
     )
     locked = f", locked until {record.locked_until.isoformat()}" if record.locked_until else ""
     print(f"  consecutive failures: {record.failed_attempts}{locked}")
+    print(f"  recovery codes left: {record.recovery_codes_remaining}")
     return EXIT_OK
 
 
