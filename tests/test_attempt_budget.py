@@ -39,6 +39,7 @@ from tests.support import (
     audit_events,
     error_reason,
 )
+from twofactor_service.recovery_codes import new_code
 from twofactor_service.rules import ADMIN_RIGHT, AccountKind
 
 FREE_FAILURES = 5  # the default policy (config.LockoutPolicy)
@@ -47,7 +48,13 @@ BURST = 48
 POSITIONS = (None, 0, BURST // 3, BURST // 2, BURST - 1)
 
 # Audit reasons of a secret that was evaluated and found wrong.
-EVALUATED_FAILURES = {"INVALID_CREDENTIALS", "CODE_INVALID", "STEP_UP_FAILED"}
+EVALUATED_FAILURES = {
+    "INVALID_CREDENTIALS",
+    "CODE_INVALID",
+    "STEP_UP_FAILED",
+    # The audit log's word for a wrong recovery code (its caller is told INVALID_CREDENTIALS).
+    "RECOVERY_CODE_INVALID",
+}
 # Refusals that evaluated nothing: the lockout, and an enrollment ticket or a pending key that
 # another call of the burst used up.
 UNEVALUATED = {"TOO_MANY_FAILED_ATTEMPTS", "ENROLLMENT_TICKET_INVALID", "NO_PENDING_KEY"}
@@ -398,4 +405,56 @@ async def test_step_up_bursts_keep_the_budget(
 
     answers = Answers.of(await burst.fire(replicas, reset), refusal_reason)
     events = await burst.events(actors, admin, "ResetSecret", actor_username=boss.username)
+    check_round(answers, events, position)
+
+
+@pytest.mark.parametrize("position", POSITIONS)
+async def test_sign_in_recovery_code_bursts_keep_the_budget(
+    replicas: Replicas, actors: Actors, admin: Person, position: int | None
+) -> None:
+    """The right password with guessed recovery codes, and one of the account's codes among
+    them: a guess is an attempt like a wrong TOTP code, paid for before it is looked at."""
+    person = await enroll_on(replicas[0], await actors.create("user"))
+    generated = await replicas[1].stub.GenerateRecoveryCodes(
+        pb.GenerateRecoveryCodesRequest(code=code_at(person.secret or "", PERIOD)),
+        metadata=person.metadata(),
+    )
+    burst = Burst(
+        burst_of([new_code() for _ in range(BURST)], generated.recovery_codes[0], position)
+    )
+
+    async def sign_in(replica: Replica, code: str, metadata: Metadata) -> pb.SignInResponse:
+        request = pb.SignInRequest(
+            username=person.username, password=person.password, recovery_code=code
+        )
+        response: pb.SignInResponse = await replica.stub.SignIn(
+            request, metadata=metadata, timeout=60
+        )
+        return response
+
+    answers = Answers.of(await burst.fire(replicas, sign_in), refusal_reason)
+    check_round(answers, await burst.events(actors, admin, "SignIn"), position)
+
+
+@pytest.mark.parametrize("position", POSITIONS)
+async def test_generate_recovery_codes_bursts_keep_the_budget(
+    replicas: Replicas, actors: Actors, admin: Person, position: int | None
+) -> None:
+    """Wrong TOTP codes asking for a new set of recovery codes, and the right one among them."""
+    person = await enroll_on(replicas[1], await actors.create("user"))
+    burst = code_burst(person.secret, position, ahead=PERIOD)
+
+    async def generate(
+        replica: Replica, code: str, metadata: Metadata
+    ) -> pb.GenerateRecoveryCodesResponse:
+        request = pb.GenerateRecoveryCodesRequest(code=code)
+        response: pb.GenerateRecoveryCodesResponse = await replica.stub.GenerateRecoveryCodes(
+            request, metadata=person.metadata() + metadata, timeout=30
+        )
+        return response
+
+    answers = Answers.of(await burst.fire(replicas, generate), refusal_reason)
+    events = await burst.events(
+        actors, admin, "GenerateRecoveryCodes", target_username=person.username
+    )
     check_round(answers, events, position)

@@ -122,6 +122,7 @@ EXPECTED: dict[str, dict[Actor, Expected]] = {
     "ChangePassword": SIGNED_IN,
     "BeginRegenerateSecret": OWN_KEY,
     "ConfirmRegenerateSecret": OWN_KEY,
+    "GenerateRecoveryCodes": OWN_KEY,
     "ResetSecret": ADMIN_CHANGE,
     "DeleteSecret": ADMIN_CHANGE,
     "AddToAllowlist": ADMIN_CHANGE,
@@ -198,6 +199,13 @@ async def confirm_regenerate_request(case: Case) -> Message:
     )
 
 
+async def generate_recovery_codes_request(case: Case) -> Message:
+    if case.actor.token is None or case.actor.secret is None:
+        return pb.GenerateRecoveryCodesRequest(code="123456")  # refused before it is read
+    # A fresh code of the actor's key (a step-up proof, sent too, uses a later step).
+    return pb.GenerateRecoveryCodesRequest(code=case.actor.next_code())
+
+
 async def add_to_allowlist_request(case: Case) -> Message:
     target = await case.target()
     await case.stub.RemoveFromAllowlist(
@@ -271,6 +279,7 @@ REQUESTS: dict[str, Callable[[Case], Awaitable[Message]]] = {
     ),
     "BeginRegenerateSecret": constant(pb.BeginRegenerateSecretRequest()),
     "ConfirmRegenerateSecret": confirm_regenerate_request,
+    "GenerateRecoveryCodes": generate_recovery_codes_request,
     "ResetSecret": naming(pb.ResetSecretRequest, "enrolled"),
     "DeleteSecret": naming(pb.DeleteSecretRequest, "enrolled"),
     "AddToAllowlist": add_to_allowlist_request,

@@ -23,6 +23,7 @@ from twofactor.v1 import twofactor_service_pb2_grpc as pb_grpc
 
 from tests.support import Actors, Person, error_reason, retry_delay_seconds
 from tests.test_lockout import wrong_code
+from twofactor_service.recovery_codes import new_code
 from twofactor_service.rules import AccountKind
 from twofactor_service.runtime import Runtime
 from twofactor_service.store import accounts
@@ -77,13 +78,20 @@ Answer = tuple[grpc.StatusCode, str, str, int | None]
 
 
 async def refused(
-    stub: pb_grpc.TwoFactorServiceAsyncStub, username: str, password: str, code: str = ""
+    stub: pb_grpc.TwoFactorServiceAsyncStub,
+    username: str,
+    password: str,
+    code: str = "",
+    recovery_code: str = "",
 ) -> tuple[Answer, float]:
     """What a SignIn that must fail answers (status, reason, message with its numbers blanked,
     retry delay) and how long it took."""
     started = time.perf_counter()
+    request = pb.SignInRequest(
+        username=username, password=password, code=code, recovery_code=recovery_code
+    )
     with pytest.raises(grpc.aio.AioRpcError) as failure:
-        await stub.SignIn(pb.SignInRequest(username=username, password=password, code=code))
+        await stub.SignIn(request)
     took = time.perf_counter() - started
     error = failure.value
     message = re.sub(r"\d+", "N", error.details() or "")
@@ -130,7 +138,16 @@ async def sample_alternately(
     return answers, known_times, unknown_times
 
 
-@pytest.mark.parametrize("case", ["wrong password", "right password, wrong code", "domain"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "wrong password",
+        "right password, wrong code",
+        "domain",
+        "wrong password, right recovery code",
+        "right password, wrong recovery code",
+    ],
+)
 async def test_a_known_name_answers_and_takes_as_long_as_an_unknown_one(
     actors: Actors,
     stub: pb_grpc.TwoFactorServiceAsyncStub,
@@ -138,19 +155,29 @@ async def test_a_known_name_answers_and_takes_as_long_as_an_unknown_one(
     runtime: Runtime,
     case: str,
 ) -> None:
+    recovery_code = ""
     if case == "domain":
         person = await actors.create("carol", kind=AccountKind.DOMAIN)
         code = "123456"
+    elif "recovery code" in case:
+        # An account with a full set of recovery codes: a wrong one is compared with all ten.
+        person = await actors.user()
+        codes = await stub.GenerateRecoveryCodes(
+            pb.GenerateRecoveryCodesRequest(code=person.next_code()), metadata=person.metadata()
+        )
+        code = ""
+        right = case.startswith("wrong password")
+        recovery_code = codes.recovery_codes[0] if right else new_code()
     else:
         person = await actors.user()
         code = wrong_code(person)
-    password = person.password if case == "right password, wrong code" else "not the password"
+    password = person.password if case.startswith("right password") else "not the password"
 
     async def known() -> tuple[Answer, float]:
-        return await refused(stub, person.username, password, code)
+        return await refused(stub, person.username, password, code, recovery_code)
 
     async def unknown() -> tuple[Answer, float]:
-        return await refused(stub, unknown_name(), password, code)
+        return await refused(stub, unknown_name(), password, code, recovery_code)
 
     async def between() -> None:
         await forget_failures(db, runtime, person)

@@ -9,6 +9,7 @@ import { Cancelled, confirmAction, withProtection } from "./dialogs.js";
 import { refusalView } from "./errors.js";
 import { pendingKeyView } from "./keys.js";
 import { mayCall } from "./policy.js";
+import { recoveryCodesSection } from "./recovery.js";
 import { authorization, client } from "./session.js";
 
 const PAGE_SIZE = 20;
@@ -112,6 +113,7 @@ function statusList(status: AccountStatus): HTMLElement {
     ),
     ...row("Consecutive failures", String(status.consecutiveFailures)),
     ...row("Locked until", when(status.lockedUntil)),
+    ...row("Recovery codes left", String(status.recoveryCodesRemaining)),
   );
 }
 
@@ -213,7 +215,11 @@ export async function userScreen(
         ),
       );
     }
-    show(tab, statusList(status), h("div", { class: "buttons" }, ...buttons));
+    const recovery =
+      own && status.state === TwoFactorState.ENROLLED && mayCall(actor, "GenerateRecoveryCodes", true)
+        ? recoveryCodesSection(actor, status, () => void render())
+        : null;
+    show(tab, statusList(status), h("div", { class: "buttons" }, ...buttons), recovery);
 
     async function regenerate(): Promise<void> {
       notices.replaceChildren();

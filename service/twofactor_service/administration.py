@@ -10,7 +10,7 @@ from twofactor_service import errors, rules
 from twofactor_service.caller import Caller
 from twofactor_service.rules import AccountKind
 from twofactor_service.runtime import Runtime
-from twofactor_service.store import accounts, audit, keys, sessions, settings
+from twofactor_service.store import accounts, audit, keys, recovery_codes, sessions, settings
 from twofactor_service.store.accounts import AccountRecord
 from twofactor_service.store.database import Connection
 
@@ -57,6 +57,7 @@ async def add_to_exclusion_list(runtime: Runtime, caller: Caller, username: str)
         target = await _locked_target(conn, username)
         rules.check_exclusion_add_allowed(caller.actor, target.username)
         await keys.delete_all(conn, target.id)
+        await recovery_codes.void(conn, target.id)
         await accounts.set_lists(conn, target.id, allowlisted=False, excluded=True)
         await sessions.end_all(conn, target.id)
         await audit.append(conn, caller.audit(target.username))

@@ -160,6 +160,7 @@ def _status_json(record: AccountRecord) -> dict[str, Any]:
         "excluded": record.excluded,
         "protected": record.protected,
         "consecutive_failures": record.failed_attempts,
+        "recovery_codes_remaining": record.recovery_codes_remaining,
         "rights": [{"functional_area": a, "permission": p} for a, p in record.rights],
     }
 
@@ -249,6 +250,7 @@ async def _status(runtime: Runtime, args: argparse.Namespace) -> int:
     )
     locked = f", locked until {record.locked_until.isoformat()}" if record.locked_until else ""
     print(f"  consecutive failures: {record.failed_attempts}{locked}")
+    print(f"  recovery codes left: {record.recovery_codes_remaining}")
     return EXIT_OK
 
 

@@ -90,7 +90,7 @@ async def settled(
         yield attempt
     except TwoFactorError as error:
         if not attempt.succeeded:
-            event = caller.audit(name, success=False, reason=error.reason)
+            event = caller.audit(name, success=False, reason=error.audited_reason)
             async with runtime.pool.acquire() as conn:
                 await attempts.settle_failure(conn, ticket, event)
             error.audited = False

@@ -60,6 +60,8 @@ class Config:
     lockout: LockoutPolicy = field(default_factory=LockoutPolicy)
     pending_key_ttl_seconds: int = 600
     enrollment_ticket_ttl_seconds: int = 600
+    # Recovery codes made by one GenerateRecoveryCodes (recovery_codes.py).
+    recovery_codes_per_set: int = 10
     session_ttl_seconds: int = 8 * 3600
     session_idle_seconds: int = 30 * 60
     # "kid:base64key,kid2:base64key": the first encrypts new secrets, all decrypt.
@@ -194,6 +196,7 @@ def load_config(env: Mapping[str, str] | None = None) -> Config:
         issuer_name=issuer,
         totp=totp,
         lockout=lockout,
+        recovery_codes_per_set=_int(env, "RECOVERY_CODES_PER_SET", 10, 1, 100),
         session_ttl_seconds=_int(env, "SESSION_TTL_SECONDS", 8 * 3600, 60, 30 * 86400),
         session_idle_seconds=_int(env, "SESSION_IDLE_SECONDS", 30 * 60, 60, 30 * 86400),
         encryption_keys=env.get(PREFIX + "ENCRYPTION_KEYS") or None,

@@ -21,6 +21,12 @@ class TwoFactorError(Exception):
         super().__init__(message)
         self.message = message
         self.retry_after_seconds = retry_after_seconds
+        # The reason the audit log records, where it may say more than the caller is told.
+        self.audit_reason = ""
+
+    @property
+    def audited_reason(self) -> str:
+        return self.audit_reason or self.reason
 
 
 class InvalidArgument(TwoFactorError):
@@ -58,9 +64,11 @@ class Unauthenticated(TwoFactorError):
 class InvalidCredentials(Unauthenticated):
     reason = "INVALID_CREDENTIALS"
 
-    def __init__(self) -> None:
-        # One message for unknown account, wrong password and wrong code: no enumeration.
+    def __init__(self, *, audit_reason: str = "") -> None:
+        # One message for unknown account, wrong password and wrong code: no enumeration. The
+        # audit log may tell more (RECOVERY_CODE_INVALID): administrators read it, guessers not.
         super().__init__("the username, password or code is wrong")
+        self.audit_reason = audit_reason
 
 
 class CodeRequired(Unauthenticated):

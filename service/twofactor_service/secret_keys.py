@@ -16,7 +16,7 @@ from twofactor_service.code_checks import (
 )
 from twofactor_service.errors import AccountNotFound, RuleViolation
 from twofactor_service.runtime import Runtime
-from twofactor_service.store import accounts, audit, keys, sessions, settings
+from twofactor_service.store import accounts, audit, keys, recovery_codes, sessions, settings
 from twofactor_service.store.accounts import AccountRecord
 from twofactor_service.store.database import Connection
 
@@ -104,6 +104,8 @@ async def reset_secret(runtime: Runtime, caller: Caller, username: str) -> Accou
         target = await _locked_target(conn, username)
         rules.check_reset_allowed(actor, target.username, excluded=target.excluded)
         await keys.delete_all(conn, target.id)
+        # Recovery codes stand in for the key's codes: they go with it.
+        await recovery_codes.void(conn, target.id)
         await accounts.set_lists(conn, target.id, allowlisted=True, excluded=False)
         await sessions.end_all(conn, target.id)
         await audit.append(conn, caller.audit(target.username))
@@ -119,6 +121,7 @@ async def delete_secret(runtime: Runtime, caller: Caller, username: str) -> Acco
         target = await _locked_target(conn, username)
         rules.check_delete_allowed(actor, target.username, kind=target.kind)
         await keys.delete_all(conn, target.id)
+        await recovery_codes.void(conn, target.id)
         await accounts.set_lists(conn, target.id, allowlisted=False, excluded=target.excluded)
         await sessions.end_all(conn, target.id)
         await audit.append(conn, caller.audit(target.username))

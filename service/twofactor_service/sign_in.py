@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
-from twofactor_service import errors, rules
+from twofactor_service import errors, recovery_codes, rules
 from twofactor_service.caller import Caller
 from twofactor_service.code_checks import (
     Attempt,
@@ -21,9 +21,11 @@ from twofactor_service.rules import AccountKind, TwoFactorState
 from twofactor_service.runtime import Runtime
 from twofactor_service.secret_keys import make_pending_key
 from twofactor_service.store import accounts, audit, keys, sessions
+from twofactor_service.store import recovery_codes as stored_recovery_codes
 from twofactor_service.store.accounts import AccountRecord
 from twofactor_service.store.database import Connection
 from twofactor_service.store.keys import StoredKey
+from twofactor_service.store.recovery_codes import StoredRecoveryCode
 
 MAX_TICKET_LENGTH = 128
 
@@ -61,32 +63,71 @@ async def _open_session(
     return OpenedSession(token, expires_at)
 
 
+@dataclass(frozen=True)
+class SecondFactor:
+    """What a sign-in carries for the second factor: a TOTP code, or a recovery code
+    (normalised, recovery_codes.normalise), or neither."""
+
+    code: str = ""
+    recovery_code: str = ""
+
+    def __repr__(self) -> str:
+        return "SecondFactor(<hidden>)"
+
+
+def second_factor(code: str, recovery_code: str) -> SecondFactor:
+    """Checks the shapes before anything is read, so bad input answers alike for every name."""
+    if code and recovery_code:
+        raise errors.InvalidArgument("recovery_code", "send either code or recovery_code, not both")
+    if code:
+        rules.validate_code_shape(code)
+    if recovery_code:
+        return SecondFactor(recovery_code=recovery_codes.normalise(recovery_code))
+    return SecondFactor(code=code)
+
+
 async def _after_first_factor(
     runtime: Runtime,
     caller: Caller,
     attempt: Attempt,
     account: AccountRecord,
     key: StoredKey | None,
-    code: str,
+    unused_recovery_codes: tuple[StoredRecoveryCode, ...],
+    factor: SecondFactor,
 ) -> SignInResult:
     """The state machine of O6 once the first factor (password, or the directory's word) holds.
-    `key` is the active key as read with the account."""
+    `key` is the active key and `unused_recovery_codes` the recovery codes, as read with the
+    account."""
     state = account.state
     if state is TwoFactorState.BLOCKED:
         raise errors.TwoFactorKeyDeleted()
-    # (key id, time step) the code matched, to use up.
+    # (key id, time step) the code matched, to use up; or the recovery code's id.
     matched: tuple[int, int] | None = None
+    recovery_code_id: int | None = None
     if state is TwoFactorState.ENROLLED:
-        if not code:
-            raise errors.CodeRequired()
-        # A wrong code is known without a round trip: it costs what a wrong password costs.
-        step = match_code(runtime, key, code).step if key is not None else None
-        if key is None or step is None:
-            raise errors.InvalidCredentials()
-        matched = (key.id, step)
+        if factor.recovery_code:
+            # Found in memory, like a wrong TOTP code: no round trip tells a right password.
+            recovery_code_id = recovery_codes.matching_code(
+                unused_recovery_codes, factor.recovery_code
+            )
+            if recovery_code_id is None:
+                raise errors.InvalidCredentials(audit_reason="RECOVERY_CODE_INVALID")
+        else:
+            if not factor.code:
+                raise errors.CodeRequired()
+            # A wrong code is known without a round trip: it costs what a wrong password costs.
+            step = match_code(runtime, key, factor.code).step if key is not None else None
+            if key is None or step is None:
+                raise errors.InvalidCredentials()
+            matched = (key.id, step)
     async with runtime.pool.acquire() as conn:
         if matched is not None and not await keys.consume_step(conn, *matched):
             raise errors.InvalidCredentials()  # used a moment ago, on any replica
+        # Used up on its own, before the session, as a time step is: once, on any replica.
+        if recovery_code_id is not None and not await stored_recovery_codes.use(
+            conn, recovery_code_id
+        ):
+            raise errors.InvalidCredentials(audit_reason="RECOVERY_CODE_INVALID")
         async with conn.transaction():
             # Settling takes the account row first, as a reset or delete does.
             await attempt.succeed(conn)
@@ -95,7 +136,8 @@ async def _after_first_factor(
             opened = await _open_session(
                 runtime, conn, account.id, with_two_factor=state is TwoFactorState.ENROLLED
             )
-            await audit.append(conn, caller.audit(account.username, reason="SESSION_OPENED"))
+            reason = "RECOVERY_CODE_USED" if recovery_code_id is not None else "SESSION_OPENED"
+            await audit.append(conn, caller.audit(account.username, reason=reason))
             return opened
 
 
@@ -144,12 +186,16 @@ async def begin_enrollment_at_terminal(
 
 
 async def sign_in(
-    runtime: Runtime, caller: Caller, username: str, password: str, code: str
+    runtime: Runtime,
+    caller: Caller,
+    username: str,
+    password: str,
+    code: str,
+    recovery_code: str = "",
 ) -> SignInResult:
     rules.validate_username(username)
     rules.validate_password(password)
-    if code:
-        rules.validate_code_shape(code)
+    factor = second_factor(code, recovery_code)
     checks = runtime.password_checks
     async with checks.slot():
         async with runtime.pool.acquire() as conn:
@@ -165,22 +211,21 @@ async def sign_in(
         if not right:
             raise errors.InvalidCredentials()
         assert found is not None
-        return await _after_first_factor(runtime, caller, attempt, *found, code)
+        return await _after_first_factor(runtime, caller, attempt, *found, factor)
 
 
 async def sign_in_domain_account(
-    runtime: Runtime, caller: Caller, username: str, code: str
+    runtime: Runtime, caller: Caller, username: str, code: str, recovery_code: str = ""
 ) -> SignInResult:
     """O6 for DOMAIN accounts, vouched for by a service account after the directory checked
-    the password: only the code is asked."""
+    the password: only the code (or a recovery code) is asked."""
     rules.validate_username(username)
-    if code:
-        rules.validate_code_shape(code)
+    factor = second_factor(code, recovery_code)
     async with runtime.pool.acquire() as conn:
         found = await accounts.find_with_active_key(conn, username)
         if found is None:
             raise errors.AccountNotFound(username)
-        account, key = found
+        account, key, unused = found
         if account.kind is not AccountKind.DOMAIN:
             raise errors.RuleViolation(
                 "NOT_DOMAIN_ACCOUNT",
@@ -188,7 +233,7 @@ async def sign_in_domain_account(
             )
         ticket = await pay(runtime, conn, account.id)
     async with settled(runtime, caller, account.username, ticket) as attempt:
-        return await _after_first_factor(runtime, caller, attempt, account, key, code)
+        return await _after_first_factor(runtime, caller, attempt, account, key, unused, factor)
 
 
 def _invalid_ticket() -> errors.RuleViolation:
@@ -303,16 +348,17 @@ async def verify_step_up(
     *,
     password: str | None,
     code: str | None,
-) -> None:
+) -> bool:
     """Account protection: a change to a protected account needs the actor's own credentials
     and a current code of the actor's own key. The proof is paid for on the actor's account
     before it is looked at, and its code is used up. A failed proof is recorded against the
-    call's target, as the refused call itself would be."""
+    call's target, as the refused call itself would be. True when a proof was asked and held;
+    False when the target is not protected (nothing was asked)."""
     actor = caller.signed_in()
     async with runtime.pool.acquire() as conn:
         target_account = await accounts.find(conn, target)
     if target_account is None or not target_account.protected:
-        return  # an unknown target is reported by the operation itself
+        return False  # an unknown target is reported by the operation itself
     needs_password = actor.kind is AccountKind.INTERNAL
     if not code or (needs_password and not password):
         raise errors.StepUpRequired(target_account.username)
@@ -332,3 +378,4 @@ async def verify_step_up(
         if key is None or not await check_code(runtime, conn, key, code):
             raise errors.StepUpFailed()
         await attempt.succeed(conn)
+    return True

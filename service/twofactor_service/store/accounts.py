@@ -8,9 +8,10 @@ from datetime import datetime
 import asyncpg
 
 from twofactor_service.rules import AccountKind, Right, TwoFactorState, two_factor_state
-from twofactor_service.store import keys
+from twofactor_service.store import keys, recovery_codes
 from twofactor_service.store.database import Connection
 from twofactor_service.store.keys import StoredKey
+from twofactor_service.store.recovery_codes import StoredRecoveryCode
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,8 @@ class AccountRecord:
     key_created_at: datetime | None
     has_pending_key: bool
     rights: tuple[Right, ...]
+    # Recovery codes (O11) not used yet.
+    recovery_codes_remaining: int = 0
 
     @property
     def has_active_key(self) -> bool:
@@ -43,7 +46,8 @@ class AccountRecord:
         return f"AccountRecord(id={self.id}, username={self.username!r}, state={self.state.name})"
 
 
-_ACCOUNT_COLUMNS = """
+_ACCOUNT_COLUMNS = (
+    """
        a.id, a.username, a.kind, a.password_hash, a.protected, a.allowlisted, a.excluded,
        a.failed_attempts, a.locked_until,
        ak.created_at AS key_created_at,
@@ -51,17 +55,21 @@ _ACCOUNT_COLUMNS = """
        array(SELECT functional_area FROM account_rights r WHERE r.account_id = a.id
              ORDER BY functional_area, permission) AS right_areas,
        array(SELECT permission FROM account_rights r WHERE r.account_id = a.id
-             ORDER BY functional_area, permission) AS right_permissions
+             ORDER BY functional_area, permission) AS right_permissions,
 """
+    + recovery_codes.REMAINING_COLUMN
+)
 _FROM_ACCOUNTS = """
 FROM accounts a
 LEFT JOIN secret_keys ak ON ak.account_id = a.id AND ak.state = 'ACTIVE'
 LEFT JOIN secret_keys pk ON pk.account_id = a.id AND pk.state = 'PENDING' AND pk.expires_at > now()
 """
 _SELECT_ACCOUNT = f"SELECT {_ACCOUNT_COLUMNS} {_FROM_ACCOUNTS}"
-# The same, with the active key's columns (prefixed "key_"), for sign-in.
+# The same, with the active key's columns (prefixed "key_") and the unused recovery codes, for
+# sign-in.
 _SELECT_ACCOUNT_AND_KEY = (
-    f"SELECT {_ACCOUNT_COLUMNS}, {keys.columns('ak', prefix='key_')} {_FROM_ACCOUNTS}"
+    f"SELECT {_ACCOUNT_COLUMNS}, {keys.columns('ak', prefix='key_')},"
+    f" {recovery_codes.UNUSED_COLUMNS} {_FROM_ACCOUNTS}"
 )
 
 
@@ -83,6 +91,7 @@ def _record(row: asyncpg.Record) -> AccountRecord:
         key_created_at=row["key_created_at"],
         has_pending_key=row["has_pending_key"],
         rights=tuple(zip(row["right_areas"], row["right_permissions"], strict=True)),
+        recovery_codes_remaining=row["recovery_codes_remaining"],
     )
 
 
@@ -93,15 +102,17 @@ async def find(conn: Connection, username: str) -> AccountRecord | None:
 
 async def find_with_active_key(
     conn: Connection, username: str
-) -> tuple[AccountRecord, StoredKey | None] | None:
-    """The account and its active key in one round trip: a sign-in then costs the same round
-    trips whether the password, the code or the name is wrong."""
+) -> tuple[AccountRecord, StoredKey | None, tuple[StoredRecoveryCode, ...]] | None:
+    """The account, its active key and its unused recovery codes in one round trip: a sign-in
+    then costs the same round trips whether the password, the code or the name is wrong."""
     row = await conn.fetchrow(
         _SELECT_ACCOUNT_AND_KEY + "WHERE a.username_key = $1", username_key(username)
     )
     if row is None:
         return None
-    return _record(row), keys.from_row(row, prefix="key_") if row["key_id"] is not None else None
+    key = keys.from_row(row, prefix="key_") if row["key_id"] is not None else None
+    unused = recovery_codes.unused_from_arrays(row["recovery_ids"], row["recovery_hashes"])
+    return _record(row), key, unused
 
 
 async def find_by_id(conn: Connection, account_id: int) -> AccountRecord:

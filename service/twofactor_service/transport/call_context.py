@@ -25,6 +25,11 @@ current_actor: contextvars.ContextVar[Actor | None] = contextvars.ContextVar(
 )
 # The account named by the request's target field, once known (for the audit log).
 current_target: contextvars.ContextVar[str] = contextvars.ContextVar("current_target", default="")
+# Whether this call carried account-protection proof that was checked and held (the step-up
+# step): its code then counts as the current code an operation asks for (GenerateRecoveryCodes).
+step_up_proven: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "step_up_proven", default=False
+)
 
 
 def actor() -> Actor:

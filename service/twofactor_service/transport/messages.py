@@ -70,6 +70,7 @@ def account_status(record: AccountRecord) -> pb.AccountStatus:
         protected=record.protected,
         consecutive_failures=record.failed_attempts,
         rights=[options_pb2.Right(functional_area=a, permission=p) for a, p in record.rights],
+        recovery_codes_remaining=record.recovery_codes_remaining,
     )
     if record.key_created_at is not None:
         status.key_create_time.FromDatetime(record.key_created_at)

@@ -46,6 +46,7 @@ from twofactor_service.transport.call_context import (
     caller,
     current_actor,
     current_target,
+    step_up_proven,
 )
 from twofactor_service.transport.client_certificates import mapped_account
 from twofactor_service.transport.forwarded_peer import call_peer
@@ -281,7 +282,7 @@ class Errors:
             )
             return
         if error.audited:
-            await self._audit(error.reason)
+            await self._audit(error.audited_reason)
         status = rpc_status.to_status(error_status(error))
         context.set_code(status.code)
         context.set_details(status.details)
@@ -433,13 +434,14 @@ async def step_up(
     target = _target_of(request, policy) if policy.target_field else actor.username
     if policy.target_field:
         rules.validate_username(target)
-    await verify_step_up(
+    proven = await verify_step_up(
         runtime,
         caller(),
         target,
         password=_metadata(metadata, "x-step-up-password"),
         code=_metadata(metadata, "x-step-up-code"),
     )
+    step_up_proven.set(proven)
 
 
 # --- The steps composed, once per method.

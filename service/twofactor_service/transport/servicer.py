@@ -12,11 +12,18 @@ from twofactor.v1 import enums_pb2
 from twofactor.v1 import twofactor_service_pb2 as pb
 from twofactor.v1 import twofactor_service_pb2_grpc as pb_grpc
 
-from twofactor_service import administration, audit_log, secret_keys, sign_in, verification
+from twofactor_service import (
+    administration,
+    audit_log,
+    recovery_codes,
+    secret_keys,
+    sign_in,
+    verification,
+)
 from twofactor_service.runtime import Runtime
 from twofactor_service.store.audit import AuditFilter
 from twofactor_service.transport import messages, metrics
-from twofactor_service.transport.call_context import caller
+from twofactor_service.transport.call_context import caller, step_up_proven
 
 _VERIFY_RESULTS = {
     verification.VerifyResult.OK: enums_pb2.VERIFY_CODE_RESULT_OK,
@@ -40,7 +47,12 @@ class TwoFactorServicer(pb_grpc.TwoFactorServiceServicer):
 
     async def SignIn(self, request: pb.SignInRequest, context: Context) -> pb.SignInResponse:
         result = await sign_in.sign_in(
-            self.runtime, caller(), request.username, request.password, request.code
+            self.runtime,
+            caller(),
+            request.username,
+            request.password,
+            request.code,
+            request.recovery_code,
         )
         return pb.SignInResponse(**messages.sign_in_fields(result))  # type: ignore[arg-type]
 
@@ -48,7 +60,7 @@ class TwoFactorServicer(pb_grpc.TwoFactorServiceServicer):
         self, request: pb.SignInDomainAccountRequest, context: Context
     ) -> pb.SignInDomainAccountResponse:
         result = await sign_in.sign_in_domain_account(
-            self.runtime, caller(), request.username, request.code
+            self.runtime, caller(), request.username, request.code, request.recovery_code
         )
         return pb.SignInDomainAccountResponse(**messages.sign_in_fields(result))  # type: ignore[arg-type]
 
@@ -85,6 +97,18 @@ class TwoFactorServicer(pb_grpc.TwoFactorServiceServicer):
     ) -> pb.ConfirmRegenerateSecretResponse:
         record = await secret_keys.confirm_regenerate(self.runtime, caller(), request.code)
         return pb.ConfirmRegenerateSecretResponse(status=messages.account_status(record))
+
+    # --- Recovery codes (O11)
+
+    async def GenerateRecoveryCodes(
+        self, request: pb.GenerateRecoveryCodesRequest, context: Context
+    ) -> pb.GenerateRecoveryCodesResponse:
+        codes, record = await recovery_codes.generate(
+            self.runtime, caller(), request.code, proven_by_step_up=step_up_proven.get()
+        )
+        return pb.GenerateRecoveryCodesResponse(
+            recovery_codes=codes.codes, status=messages.account_status(record)
+        )
 
     # --- Another account's key (O3, O4)
 

@@ -153,6 +153,7 @@ class AccountStatus(_message.Message):
     CONSECUTIVE_FAILURES_FIELD_NUMBER: _builtins.int
     LOCKED_UNTIL_FIELD_NUMBER: _builtins.int
     RIGHTS_FIELD_NUMBER: _builtins.int
+    RECOVERY_CODES_REMAINING_FIELD_NUMBER: _builtins.int
     username: _builtins.str
     """The username, as created."""
     kind: _enums_pb2.AccountKind.ValueType
@@ -169,6 +170,10 @@ class AccountStatus(_message.Message):
     """The account is protected against unauthorized modification."""
     consecutive_failures: _builtins.int
     """Consecutive failed codes or passwords since the last success."""
+    recovery_codes_remaining: _builtins.int
+    """How many of the account's recovery codes (GenerateRecoveryCodes) are
+    still unused; 0 when it has none.
+    """
     @_builtins.property
     def key_create_time(self) -> _timestamp_pb2.Timestamp:
         """When the active key was created; unset without an active key."""
@@ -195,10 +200,11 @@ class AccountStatus(_message.Message):
         consecutive_failures: _builtins.int = ...,
         locked_until: _timestamp_pb2.Timestamp | None = ...,
         rights: _abc.Iterable[_options_pb2.Right] | None = ...,
+        recovery_codes_remaining: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["key_create_time", b"key_create_time", "locked_until", b"locked_until"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowlisted", b"allowlisted", "consecutive_failures", b"consecutive_failures", "excluded", b"excluded", "has_pending_key", b"has_pending_key", "key_create_time", b"key_create_time", "kind", b"kind", "locked_until", b"locked_until", "protected", b"protected", "rights", b"rights", "state", b"state", "username", b"username"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowlisted", b"allowlisted", "consecutive_failures", b"consecutive_failures", "excluded", b"excluded", "has_pending_key", b"has_pending_key", "key_create_time", b"key_create_time", "kind", b"kind", "locked_until", b"locked_until", "protected", b"protected", "recovery_codes_remaining", b"recovery_codes_remaining", "rights", b"rights", "state", b"state", "username", b"username"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -213,13 +219,21 @@ class SignInRequest(_message.Message):
     USERNAME_FIELD_NUMBER: _builtins.int
     PASSWORD_FIELD_NUMBER: _builtins.int
     CODE_FIELD_NUMBER: _builtins.int
+    RECOVERY_CODE_FIELD_NUMBER: _builtins.int
     username: _builtins.str
     """The account's username (case-insensitive), 1 to 256 characters."""
     password: _builtins.str
     """The account's password."""
     code: _builtins.str
     """The current code from the authenticator app; required for ENROLLED
-    accounts, ignored otherwise.
+    accounts (unless `recovery_code` is sent instead), ignored otherwise.
+    """
+    recovery_code: _builtins.str
+    """One of the account's unused recovery codes (GenerateRecoveryCodes), in
+    place of `code` when the authenticator is lost: 16 characters of
+    Crockford base32, case-insensitive, dashes and spaces ignored. Used up by
+    a successful sign-in. Send `code` or `recovery_code`, not both. A wrong
+    one is a failed attempt like a wrong code, with the same answer.
     """
     def __init__(
         self,
@@ -227,10 +241,11 @@ class SignInRequest(_message.Message):
         username: _builtins.str = ...,
         password: _builtins.str = ...,
         code: _builtins.str = ...,
+        recovery_code: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "password", b"password", "username", b"username"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "password", b"password", "recovery_code", b"recovery_code", "username", b"username"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -278,19 +293,27 @@ class SignInDomainAccountRequest(_message.Message):
 
     USERNAME_FIELD_NUMBER: _builtins.int
     CODE_FIELD_NUMBER: _builtins.int
+    RECOVERY_CODE_FIELD_NUMBER: _builtins.int
     username: _builtins.str
     """The DOMAIN account's username, whose password the directory checked."""
     code: _builtins.str
-    """The current code; required for ENROLLED accounts."""
+    """The current code; required for ENROLLED accounts (unless
+    `recovery_code` is sent instead).
+    """
+    recovery_code: _builtins.str
+    """One of the account's unused recovery codes, in place of `code`; as in
+    SignInRequest.
+    """
     def __init__(
         self,
         *,
         username: _builtins.str = ...,
         code: _builtins.str = ...,
+        recovery_code: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "username", b"username"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "recovery_code", b"recovery_code", "username", b"username"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -543,6 +566,62 @@ class ConfirmRegenerateSecretResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ConfirmRegenerateSecretResponse: _TypeAlias = ConfirmRegenerateSecretResponse  # noqa: Y015
+
+@_typing.final
+class GenerateRecoveryCodesRequest(_message.Message):
+    """Request of GenerateRecoveryCodes."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CODE_FIELD_NUMBER: _builtins.int
+    code: _builtins.str
+    """A current code of the caller's active key; may be empty when the call
+    carries an accepted step-up proof (protected accounts).
+    """
+    def __init__(
+        self,
+        *,
+        code: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GenerateRecoveryCodesRequest: _TypeAlias = GenerateRecoveryCodesRequest  # noqa: Y015
+
+@_typing.final
+class GenerateRecoveryCodesResponse(_message.Message):
+    """Response of GenerateRecoveryCodes."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RECOVERY_CODES_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def recovery_codes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The new recovery codes, formatted `XXXX-XXXX-XXXX-XXXX` (Crockford
+        base32). Shown this once: the server keeps only their hashes.
+        """
+
+    @_builtins.property
+    def status(self) -> Global___AccountStatus:
+        """The caller's status with the new set (`recovery_codes_remaining`)."""
+
+    def __init__(
+        self,
+        *,
+        recovery_codes: _abc.Iterable[_builtins.str] | None = ...,
+        status: Global___AccountStatus | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["status", b"status"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["recovery_codes", b"recovery_codes", "status", b"status"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GenerateRecoveryCodesResponse: _TypeAlias = GenerateRecoveryCodesResponse  # noqa: Y015
 
 @_typing.final
 class ResetSecretRequest(_message.Message):

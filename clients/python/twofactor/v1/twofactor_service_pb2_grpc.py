@@ -88,6 +88,11 @@ class TwoFactorServiceStub:
                 request_serializer=twofactor_dot_v1_dot_twofactor__service__pb2.ConfirmRegenerateSecretRequest.SerializeToString,
                 response_deserializer=twofactor_dot_v1_dot_twofactor__service__pb2.ConfirmRegenerateSecretResponse.FromString,
                 _registered_method=True)
+        self.GenerateRecoveryCodes = channel.unary_unary(
+                '/twofactor.v1.TwoFactorService/GenerateRecoveryCodes',
+                request_serializer=twofactor_dot_v1_dot_twofactor__service__pb2.GenerateRecoveryCodesRequest.SerializeToString,
+                response_deserializer=twofactor_dot_v1_dot_twofactor__service__pb2.GenerateRecoveryCodesResponse.FromString,
+                _registered_method=True)
         self.ResetSecret = channel.unary_unary(
                 '/twofactor.v1.TwoFactorService/ResetSecret',
                 request_serializer=twofactor_dot_v1_dot_twofactor__service__pb2.ResetSecretRequest.SerializeToString,
@@ -270,20 +275,35 @@ class TwoFactorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GenerateRecoveryCodes(self, request, context):
+        """Makes a new set of one-time recovery codes for the caller's own account,
+        replacing the old set (its unused codes stop working). Each code can
+        be sent once, as `recovery_code`, instead of a TOTP code at SignIn or
+        SignInDomainAccount. The codes are returned once and stored only as
+        hashes. Needs a current code of the caller's active key in `code`
+        (paid for as an attempt, and used up); on a protected account the call
+        also carries the step-up proof, whose code then counts as that code.
+        A wrong code: FAILED_PRECONDITION, reason `CODE_INVALID`.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ResetSecret(self, request, context):
-        """Resets another account's key: deletes its active and pending key, adds
-        it to the 2FA allowlist and ends its sessions, in one transaction. At its
-        next sign-in the account sets up a new key. Refused for one's own account
-        (use BeginRegenerateSecret) and for an excluded account.
+        """Resets another account's key: deletes its active and pending key and its
+        recovery codes, adds it to the 2FA allowlist and ends its sessions, in
+        one transaction. At its next sign-in the account sets up a new key.
+        Refused for one's own account (use BeginRegenerateSecret) and for an
+        excluded account.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def DeleteSecret(self, request, context):
-        """Deletes another INTERNAL account's key: deletes its keys, takes it off
-        the allowlist (it is then BLOCKED) and ends its sessions, in one
-        transaction. Never one's own key.
+        """Deletes another INTERNAL account's key: deletes its keys and recovery
+        codes, takes it off the allowlist (it is then BLOCKED) and ends its
+        sessions, in one transaction. Never one's own key.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -314,7 +334,7 @@ class TwoFactorServiceServicer:
 
     def AddToExclusionList(self, request, context):
         """Adds an account to the exclusion list: it signs in without 2FA. Deletes
-        its keys and takes it off the allowlist.
+        its keys and recovery codes and takes it off the allowlist.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -456,6 +476,11 @@ def add_TwoFactorServiceServicer_to_server(servicer, server):
                     servicer.ConfirmRegenerateSecret,
                     request_deserializer=twofactor_dot_v1_dot_twofactor__service__pb2.ConfirmRegenerateSecretRequest.FromString,
                     response_serializer=twofactor_dot_v1_dot_twofactor__service__pb2.ConfirmRegenerateSecretResponse.SerializeToString,
+            ),
+            'GenerateRecoveryCodes': grpc.unary_unary_rpc_method_handler(
+                    servicer.GenerateRecoveryCodes,
+                    request_deserializer=twofactor_dot_v1_dot_twofactor__service__pb2.GenerateRecoveryCodesRequest.FromString,
+                    response_serializer=twofactor_dot_v1_dot_twofactor__service__pb2.GenerateRecoveryCodesResponse.SerializeToString,
             ),
             'ResetSecret': grpc.unary_unary_rpc_method_handler(
                     servicer.ResetSecret,
@@ -761,6 +786,33 @@ class TwoFactorService:
             '/twofactor.v1.TwoFactorService/ConfirmRegenerateSecret',
             twofactor_dot_v1_dot_twofactor__service__pb2.ConfirmRegenerateSecretRequest.SerializeToString,
             twofactor_dot_v1_dot_twofactor__service__pb2.ConfirmRegenerateSecretResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GenerateRecoveryCodes(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/twofactor.v1.TwoFactorService/GenerateRecoveryCodes',
+            twofactor_dot_v1_dot_twofactor__service__pb2.GenerateRecoveryCodesRequest.SerializeToString,
+            twofactor_dot_v1_dot_twofactor__service__pb2.GenerateRecoveryCodesResponse.FromString,
             options,
             channel_credentials,
             insecure,

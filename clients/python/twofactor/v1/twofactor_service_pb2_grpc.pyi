@@ -85,16 +85,27 @@ class TwoFactorServiceStub:
     for the pending key; the pending key becomes active and the old key is
     deleted, atomically.
     """
+    GenerateRecoveryCodes: _grpc.UnaryUnaryMultiCallable[_twofactor_service_pb2.GenerateRecoveryCodesRequest, _twofactor_service_pb2.GenerateRecoveryCodesResponse]
+    """Makes a new set of one-time recovery codes for the caller's own account,
+    replacing the old set (its unused codes stop working). Each code can
+    be sent once, as `recovery_code`, instead of a TOTP code at SignIn or
+    SignInDomainAccount. The codes are returned once and stored only as
+    hashes. Needs a current code of the caller's active key in `code`
+    (paid for as an attempt, and used up); on a protected account the call
+    also carries the step-up proof, whose code then counts as that code.
+    A wrong code: FAILED_PRECONDITION, reason `CODE_INVALID`.
+    """
     ResetSecret: _grpc.UnaryUnaryMultiCallable[_twofactor_service_pb2.ResetSecretRequest, _twofactor_service_pb2.ResetSecretResponse]
-    """Resets another account's key: deletes its active and pending key, adds
-    it to the 2FA allowlist and ends its sessions, in one transaction. At its
-    next sign-in the account sets up a new key. Refused for one's own account
-    (use BeginRegenerateSecret) and for an excluded account.
+    """Resets another account's key: deletes its active and pending key and its
+    recovery codes, adds it to the 2FA allowlist and ends its sessions, in
+    one transaction. At its next sign-in the account sets up a new key.
+    Refused for one's own account (use BeginRegenerateSecret) and for an
+    excluded account.
     """
     DeleteSecret: _grpc.UnaryUnaryMultiCallable[_twofactor_service_pb2.DeleteSecretRequest, _twofactor_service_pb2.DeleteSecretResponse]
-    """Deletes another INTERNAL account's key: deletes its keys, takes it off
-    the allowlist (it is then BLOCKED) and ends its sessions, in one
-    transaction. Never one's own key.
+    """Deletes another INTERNAL account's key: deletes its keys and recovery
+    codes, takes it off the allowlist (it is then BLOCKED) and ends its
+    sessions, in one transaction. Never one's own key.
     """
     AddToAllowlist: _grpc.UnaryUnaryMultiCallable[_twofactor_service_pb2.AddToAllowlistRequest, _twofactor_service_pb2.AddToAllowlistResponse]
     """Adds an account without a key to the 2FA allowlist (restores access):
@@ -107,7 +118,7 @@ class TwoFactorServiceStub:
     """Lists the accounts on the 2FA allowlist, by username."""
     AddToExclusionList: _grpc.UnaryUnaryMultiCallable[_twofactor_service_pb2.AddToExclusionListRequest, _twofactor_service_pb2.AddToExclusionListResponse]
     """Adds an account to the exclusion list: it signs in without 2FA. Deletes
-    its keys and takes it off the allowlist.
+    its keys and recovery codes and takes it off the allowlist.
     """
     RemoveFromExclusionList: _grpc.UnaryUnaryMultiCallable[_twofactor_service_pb2.RemoveFromExclusionListRequest, _twofactor_service_pb2.RemoveFromExclusionListResponse]
     """Takes an account off the exclusion list. It is then BLOCKED until it is
@@ -209,16 +220,27 @@ class TwoFactorServiceAsyncStub(TwoFactorServiceStub):
     for the pending key; the pending key becomes active and the old key is
     deleted, atomically.
     """
+    GenerateRecoveryCodes: _aio.UnaryUnaryMultiCallable[_twofactor_service_pb2.GenerateRecoveryCodesRequest, _twofactor_service_pb2.GenerateRecoveryCodesResponse]  # type: ignore[assignment]
+    """Makes a new set of one-time recovery codes for the caller's own account,
+    replacing the old set (its unused codes stop working). Each code can
+    be sent once, as `recovery_code`, instead of a TOTP code at SignIn or
+    SignInDomainAccount. The codes are returned once and stored only as
+    hashes. Needs a current code of the caller's active key in `code`
+    (paid for as an attempt, and used up); on a protected account the call
+    also carries the step-up proof, whose code then counts as that code.
+    A wrong code: FAILED_PRECONDITION, reason `CODE_INVALID`.
+    """
     ResetSecret: _aio.UnaryUnaryMultiCallable[_twofactor_service_pb2.ResetSecretRequest, _twofactor_service_pb2.ResetSecretResponse]  # type: ignore[assignment]
-    """Resets another account's key: deletes its active and pending key, adds
-    it to the 2FA allowlist and ends its sessions, in one transaction. At its
-    next sign-in the account sets up a new key. Refused for one's own account
-    (use BeginRegenerateSecret) and for an excluded account.
+    """Resets another account's key: deletes its active and pending key and its
+    recovery codes, adds it to the 2FA allowlist and ends its sessions, in
+    one transaction. At its next sign-in the account sets up a new key.
+    Refused for one's own account (use BeginRegenerateSecret) and for an
+    excluded account.
     """
     DeleteSecret: _aio.UnaryUnaryMultiCallable[_twofactor_service_pb2.DeleteSecretRequest, _twofactor_service_pb2.DeleteSecretResponse]  # type: ignore[assignment]
-    """Deletes another INTERNAL account's key: deletes its keys, takes it off
-    the allowlist (it is then BLOCKED) and ends its sessions, in one
-    transaction. Never one's own key.
+    """Deletes another INTERNAL account's key: deletes its keys and recovery
+    codes, takes it off the allowlist (it is then BLOCKED) and ends its
+    sessions, in one transaction. Never one's own key.
     """
     AddToAllowlist: _aio.UnaryUnaryMultiCallable[_twofactor_service_pb2.AddToAllowlistRequest, _twofactor_service_pb2.AddToAllowlistResponse]  # type: ignore[assignment]
     """Adds an account without a key to the 2FA allowlist (restores access):
@@ -231,7 +253,7 @@ class TwoFactorServiceAsyncStub(TwoFactorServiceStub):
     """Lists the accounts on the 2FA allowlist, by username."""
     AddToExclusionList: _aio.UnaryUnaryMultiCallable[_twofactor_service_pb2.AddToExclusionListRequest, _twofactor_service_pb2.AddToExclusionListResponse]  # type: ignore[assignment]
     """Adds an account to the exclusion list: it signs in without 2FA. Deletes
-    its keys and takes it off the allowlist.
+    its keys and recovery codes and takes it off the allowlist.
     """
     RemoveFromExclusionList: _aio.UnaryUnaryMultiCallable[_twofactor_service_pb2.RemoveFromExclusionListRequest, _twofactor_service_pb2.RemoveFromExclusionListResponse]  # type: ignore[assignment]
     """Takes an account off the exclusion list. It is then BLOCKED until it is
@@ -374,15 +396,32 @@ class TwoFactorServiceServicer(metaclass=_abc_1.ABCMeta):
         """
 
     @_abc_1.abstractmethod
+    def GenerateRecoveryCodes(
+        self,
+        request: _twofactor_service_pb2.GenerateRecoveryCodesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_twofactor_service_pb2.GenerateRecoveryCodesResponse, _abc.Awaitable[_twofactor_service_pb2.GenerateRecoveryCodesResponse]]:
+        """Makes a new set of one-time recovery codes for the caller's own account,
+        replacing the old set (its unused codes stop working). Each code can
+        be sent once, as `recovery_code`, instead of a TOTP code at SignIn or
+        SignInDomainAccount. The codes are returned once and stored only as
+        hashes. Needs a current code of the caller's active key in `code`
+        (paid for as an attempt, and used up); on a protected account the call
+        also carries the step-up proof, whose code then counts as that code.
+        A wrong code: FAILED_PRECONDITION, reason `CODE_INVALID`.
+        """
+
+    @_abc_1.abstractmethod
     def ResetSecret(
         self,
         request: _twofactor_service_pb2.ResetSecretRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_twofactor_service_pb2.ResetSecretResponse, _abc.Awaitable[_twofactor_service_pb2.ResetSecretResponse]]:
-        """Resets another account's key: deletes its active and pending key, adds
-        it to the 2FA allowlist and ends its sessions, in one transaction. At its
-        next sign-in the account sets up a new key. Refused for one's own account
-        (use BeginRegenerateSecret) and for an excluded account.
+        """Resets another account's key: deletes its active and pending key and its
+        recovery codes, adds it to the 2FA allowlist and ends its sessions, in
+        one transaction. At its next sign-in the account sets up a new key.
+        Refused for one's own account (use BeginRegenerateSecret) and for an
+        excluded account.
         """
 
     @_abc_1.abstractmethod
@@ -391,9 +430,9 @@ class TwoFactorServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _twofactor_service_pb2.DeleteSecretRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_twofactor_service_pb2.DeleteSecretResponse, _abc.Awaitable[_twofactor_service_pb2.DeleteSecretResponse]]:
-        """Deletes another INTERNAL account's key: deletes its keys, takes it off
-        the allowlist (it is then BLOCKED) and ends its sessions, in one
-        transaction. Never one's own key.
+        """Deletes another INTERNAL account's key: deletes its keys and recovery
+        codes, takes it off the allowlist (it is then BLOCKED) and ends its
+        sessions, in one transaction. Never one's own key.
         """
 
     @_abc_1.abstractmethod
@@ -430,7 +469,7 @@ class TwoFactorServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_twofactor_service_pb2.AddToExclusionListResponse, _abc.Awaitable[_twofactor_service_pb2.AddToExclusionListResponse]]:
         """Adds an account to the exclusion list: it signs in without 2FA. Deletes
-        its keys and takes it off the allowlist.
+        its keys and recovery codes and takes it off the allowlist.
         """
 
     @_abc_1.abstractmethod
