@@ -16,7 +16,7 @@ import {
 } from "./session.js";
 import { settingsScreen } from "./settings.js";
 import { signInScreen } from "./signin.js";
-import { userScreen, usersScreen } from "./users.js";
+import { forgetSearch, userScreen, usersScreen } from "./users.js";
 
 const header = document.getElementById("header")!;
 const main = document.getElementById("main")!;
@@ -33,6 +33,7 @@ async function loadActor(): Promise<void> {
 function signedOut(notice?: unknown): void {
   leaving.abort();
   forgetSession();
+  forgetSearch();
   actor = null;
   header.replaceChildren();
   if (window.location.hash) history.replaceState(null, "", window.location.pathname);

@@ -26,8 +26,16 @@ function userLink(name: string): HTMLAnchorElement {
   return h("a", { href: `#/users/${encodeURIComponent(name)}` }, name);
 }
 
+// The last search typed on Users, kept while this tab's session lasts: entering Users (also
+// from its own menu entry) lists the accounts as they are now, for the same search.
+let lastSearch = "";
+
+export function forgetSearch(): void {
+  lastSearch = "";
+}
+
 export async function usersScreen(root: HTMLElement, actor: AccountStatus): Promise<void> {
-  const search = field("Search by name", { type: "search", autocomplete: "off" });
+  const search = field("Search by name", { type: "search", autocomplete: "off", value: lastSearch });
   const rows = h("tbody");
   const problems = h("div", { class: "problems" });
   const previous = h("button", { type: "button", disabled: true }, "Previous page");
@@ -38,6 +46,7 @@ export async function usersScreen(root: HTMLElement, actor: AccountStatus): Prom
 
   const load = async () => {
     problems.replaceChildren();
+    lastSearch = search.input.value;
     try {
       const answer = await client.listAccounts(
         { usernamePrefix: search.input.value.trim(), pageSize: PAGE_SIZE, pageToken: tokens[page] },

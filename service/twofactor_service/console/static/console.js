@@ -7620,8 +7620,12 @@ function kindName(kind) {
 function userLink(name) {
   return h("a", { href: `#/users/${encodeURIComponent(name)}` }, name);
 }
+var lastSearch = "";
+function forgetSearch() {
+  lastSearch = "";
+}
 async function usersScreen(root, actor2) {
-  const search = field("Search by name", { type: "search", autocomplete: "off" });
+  const search = field("Search by name", { type: "search", autocomplete: "off", value: lastSearch });
   const rows = h("tbody");
   const problems = h("div", { class: "problems" });
   const previous = h("button", { type: "button", disabled: true }, "Previous page");
@@ -7630,6 +7634,7 @@ async function usersScreen(root, actor2) {
   let page = 0;
   const load = async () => {
     problems.replaceChildren();
+    lastSearch = search.input.value;
     try {
       const answer = await client.listAccounts(
         { usernamePrefix: search.input.value.trim(), pageSize: PAGE_SIZE2, pageToken: tokens[page] },
@@ -8122,6 +8127,7 @@ async function loadActor() {
 function signedOut(notice) {
   leaving.abort();
   forgetSession();
+  forgetSearch();
   actor = null;
   header.replaceChildren();
   if (window.location.hash) history.replaceState(null, "", window.location.pathname);
