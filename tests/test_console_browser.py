@@ -388,3 +388,169 @@ async def test_the_seed_page_played_in_a_browser(
     assert failed.seen == []
     elapsed = time.monotonic() - started
     assert elapsed < BROWSER_BUDGET_SECONDS, f"the browser part took {elapsed:.0f} s"
+
+
+# --- By keyboard alone: Tab, Shift+Tab, Enter, Space, Escape and typing; no click.
+
+
+async def is_focused(target: Locator) -> bool:
+    return bool(await target.evaluate("element => element === document.activeElement"))
+
+
+async def tab_to(page: Page, target: Locator) -> None:
+    """Presses Tab until `target` has the focus, as a person moving through the page does."""
+    await expect(target).to_be_visible()
+    for _ in range(MAX_TABS):
+        if await is_focused(target):
+            return
+        await page.keyboard.press("Tab")
+    raise AssertionError(f"{MAX_TABS} presses of Tab never reached {target}")
+
+
+async def press_on(page: Page, target: Locator, key: str = "Enter") -> None:
+    await tab_to(page, target)
+    await page.keyboard.press(key)
+
+
+async def type_into(page: Page, target: Locator, text: str) -> None:
+    await tab_to(page, target)
+    await page.keyboard.press("Control+A")
+    await page.keyboard.type(text)
+
+
+async def keyboard_sign_in(page: Page, url: str, person: Person) -> None:
+    await page.goto(url)
+    # The page starts in the Username field.
+    await expect(page.get_by_label("Username")).to_be_focused()
+    await page.keyboard.type(person.username)
+    await page.keyboard.press("Tab")
+    await page.keyboard.type(person.password)
+    await page.keyboard.press("Enter")
+    if person.secret is not None:
+        # The code field appears with the focus.
+        await expect(page.get_by_label("Two-factor authentication code")).to_be_focused()
+        await page.keyboard.type(person.next_code())
+        await page.keyboard.press("Enter")
+
+
+async def keyboard_set_up_key(page: Page, person: Person) -> None:
+    await press_on(page, page.get_by_role("button", name="View how to set up two-factor authentication"))
+    await press_on(page, page.get_by_role("button", name="View QR code"), "Space")
+    await expect(page.locator("img.qr")).to_be_visible()
+    person.secret = await secret_from_qr_code(page)
+    await type_into(page, page.get_by_label("Code from the authenticator app"), person.next_code())
+    await page.keyboard.press("Enter")
+
+
+async def keyboard_open_user(page: Page, username: str) -> None:
+    await press_on(page, page.get_by_role("link", name="Users"))
+    await type_into(page, page.get_by_label("Search by name"), username)
+    await page.keyboard.press("Enter")
+    await press_on(page, page.get_by_role("link", name=username, exact=True))
+    await expect(page.get_by_role("heading", name=username)).to_be_visible()
+
+
+async def test_the_seed_page_played_by_keyboard_alone(
+    browser: Browser, server: RunningServer, actors: Actors
+) -> None:
+    started = time.monotonic()
+    assert server.console is not None
+    url = server.console.url
+    admin = await actors.create("kbd-admin", rights=(rules.ADMIN_RIGHT,))
+    alice = await actors.user()
+    bob = await actors.user(protected=True)
+    page = await new_page(browser)
+    alice_page = await new_page(browser)
+
+    # First sign-in and the first-time setup.
+    await keyboard_sign_in(page, url, admin)
+    await keyboard_set_up_key(page, admin)
+    await expect(page.get_by_role("heading", name="Users")).to_be_visible()
+
+    # Reset alice's key. Escape closes the confirmation and changes nothing; focus goes back
+    # to the button that opened it; Tab stays inside the window.
+    await keyboard_open_user(page, alice.username)
+    reset = page.get_by_role("button", name="Reset secret key")
+    await press_on(page, reset)
+    confirm = page.get_by_role("dialog", name="Reset secret key")
+    await expect(confirm.get_by_role("button", name="Cancel")).to_be_focused()
+    await page.keyboard.press("Escape")
+    await expect(confirm).to_have_count(0)
+    await expect(reset).to_be_focused()
+    await state_shown(page, "ENROLLED")
+    await page.keyboard.press("Enter")
+    await expect(confirm.get_by_role("button", name="Cancel")).to_be_focused()
+    await page.keyboard.press("Tab")
+    await expect(confirm.get_by_role("button", name="Reset", exact=True)).to_be_focused()
+    await page.keyboard.press("Tab")
+    await expect(confirm.get_by_role("button", name="Cancel")).to_be_focused()
+    await page.keyboard.press("Shift+Tab")
+    await expect(confirm.get_by_role("button", name="Reset", exact=True)).to_be_focused()
+    await page.keyboard.press("Enter")
+    await state_shown(page, "ALLOWLISTED")
+
+    # alice sets up a new key.
+    alice.secret = None
+    await keyboard_sign_in(alice_page, url, alice)
+    await keyboard_set_up_key(alice_page, alice)
+    await expect(alice_page.get_by_role("heading", name=alice.username)).to_be_visible()
+
+    # Delete her key: her session ends, and signing in again is refused with the reason.
+    await press_on(page, page.get_by_role("link", name="Users"))
+    await press_on(page, page.get_by_role("link", name=alice.username, exact=True))
+    await state_shown(page, "ENROLLED")
+    await press_on(page, page.get_by_role("button", name="Delete secret key"))
+    delete = page.get_by_role("dialog", name="Delete secret key")
+    await expect(delete.get_by_role("button", name="Cancel")).to_be_focused()
+    await press_on(page, delete.get_by_role("button", name="Delete", exact=True), "Space")
+    await state_shown(page, "BLOCKED")
+    await press_on(alice_page, alice_page.get_by_role("link", name="My account"))
+    await expect(alice_page.get_by_role("status")).to_contain_text("Your session has ended")
+    alice.secret = None
+    await keyboard_sign_in(alice_page, url, alice)
+    await expect(alice_page.get_by_role("alert").locator(".reason")).to_have_text(
+        "TWO_FACTOR_KEY_DELETED"
+    )
+
+    # The allowlist restores her access.
+    await press_on(page, page.get_by_role("link", name="Administration Server properties"))
+    allowlist = page.get_by_role("region", name="Two-factor authentication allowlist")
+    await type_into(page, allowlist.get_by_label("Account name"), alice.username)
+    await page.keyboard.press("Enter")
+    await expect(allowlist.get_by_role("link", name=alice.username, exact=True)).to_be_visible()
+    await keyboard_sign_in(alice_page, url, alice)
+    await keyboard_set_up_key(alice_page, alice)
+    await expect(alice_page.get_by_role("heading", name=alice.username)).to_be_visible()
+
+    # bob is protected: the Account protection window, filled and sent by keyboard.
+    await keyboard_open_user(page, bob.username)
+    await press_on(page, page.get_by_role("button", name="Reset secret key"))
+    await press_on(page, page.get_by_role("button", name="Reset", exact=True))
+    protection = page.get_by_role("dialog", name="Account protection")
+    await expect(protection.get_by_label("Password")).to_be_focused()
+    await page.keyboard.type(admin.password)
+    await page.keyboard.press("Tab")
+    await page.keyboard.type(admin.next_code())
+    await page.keyboard.press("Enter")
+    await state_shown(page, "ALLOWLISTED")
+
+    # The administrator regenerates its own key.
+    await press_on(page, page.get_by_role("link", name="My account"))
+    await press_on(page, page.get_by_role("button", name="Regenerate secret key"))
+    await keyboard_set_up_key(page, admin)
+    await expect(page.get_by_role("status")).to_have_text(
+        "The secret key for your account is changed."
+    )
+
+    # The audit log, then Sign out, which ends the session on the server.
+    await press_on(page, page.get_by_role("link", name="Audit log"))
+    await expect(page.locator("table.audit tbody tr").first).to_contain_text(
+        "ConfirmRegenerateSecret"
+    )
+    await press_on(page, page.get_by_role("button", name="Sign out"))
+    await expect(page.get_by_role("status")).to_have_text("You signed out.")
+
+    await page.context.close()
+    await alice_page.context.close()
+    elapsed = time.monotonic() - started
+    assert elapsed < BROWSER_BUDGET_SECONDS, f"the browser part took {elapsed:.0f} s"
