@@ -334,7 +334,9 @@ async def test_the_seed_page_played_in_a_browser(
     await page.get_by_role("link", name="Users").click()
     await expect(users_row(page, alice.username).locator(".state")).to_have_text("ENROLLED")
     await page.get_by_role("link", name="Administration Server properties").click()
-    await expect(page.get_by_role("heading", name="Administration Server properties")).to_be_visible()
+    await expect(
+        page.get_by_role("heading", name="Administration Server properties")
+    ).to_be_visible()
     await expect(allowlist.get_by_role("link", name=alice.username, exact=True)).to_have_count(0)
 
     # bob is protected: resetting his key asks for the Account protection window.
@@ -434,7 +436,9 @@ async def keyboard_sign_in(page: Page, url: str, person: Person) -> None:
 
 
 async def keyboard_set_up_key(page: Page, person: Person) -> None:
-    await press_on(page, page.get_by_role("button", name="View how to set up two-factor authentication"))
+    await press_on(
+        page, page.get_by_role("button", name="View how to set up two-factor authentication")
+    )
     await press_on(page, page.get_by_role("button", name="View QR code"), "Space")
     await expect(page.locator("img.qr")).to_be_visible()
     person.secret = await secret_from_qr_code(page)
@@ -554,3 +558,206 @@ async def test_the_seed_page_played_by_keyboard_alone(
     await alice_page.context.close()
     elapsed = time.monotonic() - started
     assert elapsed < BROWSER_BUDGET_SECONDS, f"the browser part took {elapsed:.0f} s"
+
+
+# --- Account administration and sign-in details.
+
+
+async def status_of(
+    stub: pb_grpc.TwoFactorServiceAsyncStub, admin: Person, username: str
+) -> pb.AccountStatus:
+    answer = await stub.GetAccountStatus(
+        pb.GetAccountStatusRequest(username=username), metadata=admin.metadata()
+    )
+    return answer.status
+
+
+async def test_accounts_rights_and_protection_from_the_console(
+    browser: Browser,
+    server: RunningServer,
+    stub: pb_grpc.TwoFactorServiceAsyncStub,
+    actors: Actors,
+    clock: TestClock,
+) -> None:
+    started = time.monotonic()
+    assert server.console is not None
+    url = server.console.url
+    screens = Screens()
+    admin = await actors.admin()
+    page = await new_page(browser)
+    await sign_in(page, url, admin, screens)
+    await expect(page.get_by_role("heading", name="Users")).to_be_visible()
+
+    # Create an internal account with its initial password: it starts on the allowlist.
+    carol = Person(actors.name("carol"), password="an initial password 1", clock=clock)
+    await page.get_by_role("link", name="Create account").click()
+    await expect(page.get_by_role("heading", name="Create account")).to_be_visible()
+    await expect(
+        page.get_by_label("Internal: the password is held by this service")
+    ).to_be_checked()
+    await screens.save(page, "create-account")
+    await page.get_by_label("Username").fill(carol.username)
+    await page.get_by_label("Initial password").fill(carol.password)
+    await page.get_by_role("button", name="Create").click()
+    await expect(page.get_by_role("heading", name=carol.username)).to_be_visible()
+    await expect(page.get_by_role("status")).to_contain_text("is created")
+    await state_shown(page, "ALLOWLISTED")
+    created = await status_of(stub, admin, carol.username)
+    assert created.kind == enums_pb2.ACCOUNT_KIND_INTERNAL
+    assert created.state == enums_pb2.TWO_FACTOR_STATE_ALLOWLISTED
+    assert not created.protected
+
+    # The same name again is refused with the server's reason.
+    await page.get_by_role("link", name="Users").click()
+    await page.get_by_role("link", name="Create account").click()
+    await page.get_by_label("Username").fill(carol.username.upper())
+    await page.get_by_label("Initial password").fill(carol.password)
+    await page.get_by_role("button", name="Create").click()
+    await expect(page.get_by_role("alert").locator(".reason")).to_have_text("ACCOUNT_EXISTS")
+
+    # A domain account: no password asked; protected from the start.
+    dave = actors.name("dave")
+    await page.get_by_label("Username").fill(dave)
+    await page.get_by_label("Domain: the credentials live in the directory").check()
+    await expect(page.get_by_label("Initial password")).to_be_hidden()
+    await page.get_by_label("Protect against unauthorized modification").check()
+    await page.get_by_role("button", name="Create").click()
+    await expect(page.get_by_role("heading", name=dave)).to_be_visible()
+    created = await status_of(stub, admin, dave)
+    assert created.kind == enums_pb2.ACCOUNT_KIND_DOMAIN
+    assert created.state == enums_pb2.TWO_FACTOR_STATE_ALLOWLISTED
+    assert created.protected
+    # A domain account's key is never deleted (the seed: internal accounts only).
+    await expect(page.get_by_role("button", name="Delete secret key")).to_have_count(0)
+
+    # carol signs in with her initial password and sets up her key.
+    carol_page = await new_page(browser)
+    await sign_in(carol_page, url, carol)
+    await set_up_key(carol_page, carol)
+    await expect(carol_page.get_by_role("heading", name=carol.username)).to_be_visible()
+
+    # Rights, with the seed's names: grant Modify object ACLs, then revoke it.
+    await open_user(page, carol.username)
+    await page.get_by_role("tab", name="Rights and protection").click()
+    rights = page.get_by_role("tabpanel", name="Rights and protection")
+    await expect(rights.get_by_text("No rights.")).to_be_visible()
+    await rights.get_by_label("Right to grant").select_option(
+        label="Modify object ACLs (General features: User permissions)"
+    )
+    await rights.get_by_role("button", name="Grant").click()
+    await expect(page.get_by_role("status")).to_contain_text("right is granted")
+    row = rights.get_by_role("row").filter(has_text="General features: User permissions")
+    await expect(row).to_contain_text("Modify object ACLs")
+    await screens.save(page, "rights-and-protection")
+    granted = await status_of(stub, admin, carol.username)
+    assert [(r.functional_area, r.permission) for r in granted.rights] == [rules.ADMIN_RIGHT]
+    await rights.get_by_role(
+        "button", name="Revoke Modify object ACLs (General features: User permissions)"
+    ).click()
+    revoke = page.get_by_role("dialog", name="Revoke right")
+    await expect(revoke.get_by_role("button", name="Cancel")).to_be_focused()
+    await screens.save(page, "confirm-revoke")
+    await revoke.get_by_role("button", name="Revoke", exact=True).click()
+    await expect(page.get_by_role("status")).to_contain_text("right is revoked")
+    await expect(rights.get_by_text("No rights.")).to_be_visible()
+    assert list((await status_of(stub, admin, carol.username)).rights) == []
+
+    # Protection on; then off, which the server guards with the Account protection window.
+    await rights.get_by_role("button", name="Turn protection on").click()
+    await expect(page.get_by_role("status")).to_contain_text("is protected")
+    assert (await status_of(stub, admin, carol.username)).protected
+    await rights.get_by_role("button", name="Turn protection off").click()
+    protection = page.get_by_role("dialog", name="Account protection")
+    await protection.get_by_label("Password").fill(admin.password)
+    await protection.get_by_label("Two-factor authentication code").fill(admin.next_code())
+    await protection.get_by_role("button", name="OK").click()
+    await expect(page.get_by_role("status")).to_contain_text("no longer protected")
+    assert not (await status_of(stub, admin, carol.username)).protected
+
+    # The tabs answer the arrow keys, Home and End (the WAI-ARIA tabs pattern).
+    rights_tab = page.get_by_role("tab", name="Rights and protection")
+    two_factor_tab = page.get_by_role("tab", name="Two-factor authentication")
+    await rights_tab.focus()
+    await page.keyboard.press("ArrowRight")
+    await expect(two_factor_tab).to_be_focused()
+    await expect(two_factor_tab).to_have_attribute("aria-selected", "true")
+    await expect(page.get_by_role("tabpanel", name="Two-factor authentication")).to_be_visible()
+    await page.keyboard.press("End")
+    await expect(rights_tab).to_have_attribute("aria-selected", "true")
+
+    # carol, a plain user, sees her rights and protection but may change neither, and is
+    # offered no account screens.
+    await carol_page.get_by_role("tab", name="Rights and protection").click()
+    own = carol_page.get_by_role("tabpanel", name="Rights and protection")
+    await expect(own.get_by_text("No rights.")).to_be_visible()
+    await expect(own.get_by_role("button")).to_have_count(0)
+    await expect(carol_page.get_by_role("link", name="Create account")).to_have_count(0)
+    await screens.save(carol_page, "own-rights-and-protection")
+
+    await page.context.close()
+    await carol_page.context.close()
+    elapsed = time.monotonic() - started
+    assert elapsed < BROWSER_BUDGET_SECONDS, f"the browser part took {elapsed:.0f} s"
+
+
+async def test_sign_in_asks_for_the_code_only_when_needed_and_sign_out_ends_the_session(
+    browser: Browser,
+    server: RunningServer,
+    stub: pb_grpc.TwoFactorServiceAsyncStub,
+    actors: Actors,
+) -> None:
+    assert server.console is not None
+    url = server.console.url
+    failed = FailedRequests()
+    person = await actors.user()
+    page = await new_page(browser, failed)
+
+    # No code field until the server asks; then it appears, with no error on the way.
+    await page.goto(url)
+    code = page.get_by_label("Two-factor authentication code")
+    await expect(code).to_be_hidden()
+    await page.get_by_label("Username").fill(person.username)
+    await page.get_by_label("Password").fill(person.password)
+    await page.get_by_role("button", name="Sign in").click()
+    await expect(code).to_be_focused()
+    await expect(page.get_by_role("status")).to_have_text(
+        "Enter the code from your authenticator app, then Sign in."
+    )
+    await expect(page.get_by_role("alert")).to_have_count(0)
+    # A wrong code is an error, and says so.
+    right = person.next_code()
+    await code.fill(f"{(int(right) + 500_000) % 1_000_000:06d}")
+    await page.get_by_role("button", name="Sign in").click()
+    await expect(page.get_by_role("alert").locator(".reason")).to_have_text("INVALID_CREDENTIALS")
+    await code.fill(right)
+    await page.get_by_role("button", name="Sign in").click()
+    await expect(page.get_by_role("heading", name=person.username)).to_be_visible()
+    await expect(page.get_by_text(f"Signed in as {person.username}")).to_be_visible()
+
+    # Sign out ends the session on the server, not only in the page.
+    token = await page.evaluate("JSON.parse(sessionStorage.getItem('twofactor.session')).token")
+    await sign_out(page)
+    assert await page.evaluate("sessionStorage.length") == 0
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await stub.GetAccountStatus(
+            pb.GetAccountStatusRequest(), metadata=(("authorization", f"Bearer {token}"),)
+        )
+    assert error_reason(refused.value) == "UNAUTHENTICATED"
+
+    # A code already in the field when Sign in is pressed (a password manager fills
+    # one-time-code fields, hidden or not) is sent with the first press: no second step.
+    await page.goto(url)
+    await page.get_by_label("Username").fill(person.username)
+    await page.get_by_label("Password").fill(person.password)
+    await code.evaluate("(input, value) => { input.value = value; }", person.next_code())
+    await page.get_by_role("button", name="Sign in").click()
+    await expect(page.get_by_role("heading", name=person.username)).to_be_visible()
+
+    # The page's icon is served (no 404 for an icon on any page load).
+    icon = await page.locator("link[rel=icon]").get_attribute("href")
+    assert icon == "/static/favicon.svg"
+    answer = await page.request.get(url.rstrip("/") + icon)
+    assert answer.status == 200
+    assert answer.headers["content-type"].startswith("image/svg+xml")
+    await page.context.close()
+    assert failed.seen == []
