@@ -15,7 +15,7 @@ import {
   onSessionEnded,
 } from "./session.js";
 import { settingsScreen } from "./settings.js";
-import { signInScreen } from "./signin.js";
+import { SessionEnded, signInScreen } from "./signin.js";
 import { forgetSearch, userScreen, usersScreen } from "./users.js";
 
 const header = document.getElementById("header")!;
@@ -139,6 +139,6 @@ header.addEventListener("click", (event) => {
     void route();
   }
 });
-onSessionEnded((why) => signedOut(why));
+onSessionEnded((why) => signedOut(new SessionEnded(why)));
 window.addEventListener("hashchange", () => void route());
 void start();

@@ -11,9 +11,14 @@ import { reasonOf, refusalView } from "./errors.js";
 import { pendingKeyView } from "./keys.js";
 import { client, keepSession } from "./session.js";
 
+/** A session that ended without the person asking: said at once (an alert). */
+export class SessionEnded {
+  constructor(readonly why: string) {}
+}
+
 /**
- * The Sign in screen. `notice` says why the last session ended: a sentence (shown as a
- * status), or a refusal of the server (shown as an alert).
+ * The Sign in screen. `notice` says why the last session ended: SessionEnded, a sentence (a
+ * status: "You signed out."), or a refusal of the server (an alert).
  */
 export function signInScreen(root: HTMLElement, signedIn: () => void, notice?: unknown): void {
   const username = field("Username", { autocomplete: "username", required: true });
@@ -31,11 +36,13 @@ export function signInScreen(root: HTMLElement, signedIn: () => void, notice?: u
   const problems = h(
     "div",
     { class: "problems" },
-    typeof notice === "string"
-      ? h("p", { class: "notice", role: "status" }, notice)
-      : notice
-        ? refusalView(notice)
-        : null,
+    notice instanceof SessionEnded
+      ? h("p", { class: "notice", role: "alert" }, notice.why)
+      : typeof notice === "string"
+        ? h("p", { class: "notice", role: "status" }, notice)
+        : notice
+          ? refusalView(notice)
+          : null,
   );
 
   const opened = (session: SessionMessage | undefined) => {

@@ -8037,6 +8037,12 @@ async function settingsScreen(root, actor2) {
 }
 
 // src/signin.ts
+var SessionEnded = class {
+  constructor(why) {
+    this.why = why;
+  }
+  why;
+};
 function signInScreen(root, signedIn, notice) {
   const username = field("Username", { autocomplete: "username", required: true });
   const password = field("Password", {
@@ -8053,7 +8059,7 @@ function signInScreen(root, signedIn, notice) {
   const problems = h(
     "div",
     { class: "problems" },
-    typeof notice === "string" ? h("p", { class: "notice", role: "status" }, notice) : notice ? refusalView(notice) : null
+    notice instanceof SessionEnded ? h("p", { class: "notice", role: "alert" }, notice.why) : typeof notice === "string" ? h("p", { class: "notice", role: "status" }, notice) : notice ? refusalView(notice) : null
   );
   const opened = (session) => {
     if (!session) throw new Error("the server opened no session");
@@ -8218,6 +8224,6 @@ header.addEventListener("click", (event) => {
     void route();
   }
 });
-onSessionEnded((why) => signedOut(why));
+onSessionEnded((why) => signedOut(new SessionEnded(why)));
 window.addEventListener("hashchange", () => void route());
 void start();
