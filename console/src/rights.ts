@@ -96,7 +96,9 @@ function rightsSection(page: UserPage): HTMLElement {
               {},
               h("th", { scope: "col" }, "Functional area"),
               h("th", { scope: "col" }, "Right"),
-              mayRevoke ? h("th", { scope: "col" }, h("span", { class: "visually-hidden" }, "Action")) : null,
+              mayRevoke
+                ? h("th", { scope: "col" }, h("span", { class: "visually-hidden" }, "Action"))
+                : null,
             ),
           ),
           h("tbody", {}, ...rows),

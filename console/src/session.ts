@@ -1,7 +1,13 @@
 // The session token lives in sessionStorage only (this tab, until it closes): never in
 // localStorage, never in a cookie. A call that the server refuses because the session is over
 // (reason UNAUTHENTICATED: unknown, expired or ended) hands the page back to Sign in.
-import { Code, ConnectError, createClient, type Client, type Interceptor } from "@connectrpc/connect";
+import {
+  Code,
+  ConnectError,
+  createClient,
+  type Client,
+  type Interceptor,
+} from "@connectrpc/connect";
 import { createGrpcWebTransport } from "@connectrpc/connect-web";
 import { ErrorInfoSchema } from "./gen/google/rpc/error_details_pb.js";
 import { TwoFactorService } from "./gen/twofactor/v1/twofactor_service_pb.js";
@@ -25,7 +31,8 @@ export function onSessionEnded(handler: (why: string) => void): void {
 /** Why a session the server no longer knows has ended, as far as the page can tell. */
 function whyEnded(session: Session): string {
   if (session.expiresAt && Date.now() >= session.expiresAt) {
-    return `Your session expired at ${new Date(session.expiresAt).toLocaleTimeString()}. Sign in again.`;
+    const at = new Date(session.expiresAt).toLocaleTimeString();
+    return `Your session expired at ${at}. Sign in again.`;
   }
   return (
     "Your session has ended: it was idle too long, was signed out elsewhere, or was ended " +

@@ -143,7 +143,8 @@ function listSection(name: ListName, actor: AccountStatus): HTMLElement {
 /** How far from the current code a code is still accepted, in words. */
 function tolerance(steps: number, periodSeconds: number): string {
   if (steps === 0) return "Only the current code is accepted.";
-  const which = steps === 1 ? "the code just before and just after" : `up to ${steps} codes before and after`;
+  const which =
+    steps === 1 ? "the code just before and just after" : `up to ${steps} codes before and after`;
   return (
     `Besides the current code, ${which} it are accepted, for clocks up to ` +
     `${steps * periodSeconds} s apart.`
@@ -185,7 +186,8 @@ export async function settingsScreen(root: HTMLElement, actor: AccountStatus): P
         "p",
         { class: "note" },
         `New keys: ${settings!.totpAlgorithm}, ${settings!.totpDigits} digits, a new code ` +
-          `every ${settings!.totpPeriodSeconds} s. ${tolerance(settings!.totpValidWindow, settings!.totpPeriodSeconds)} ` +
+          `every ${settings!.totpPeriodSeconds} s. ` +
+          `${tolerance(settings!.totpValidWindow, settings!.totpPeriodSeconds)} ` +
           "(The server's configuration.)",
       ),
     );

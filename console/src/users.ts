@@ -35,7 +35,11 @@ export function forgetSearch(): void {
 }
 
 export async function usersScreen(root: HTMLElement, actor: AccountStatus): Promise<void> {
-  const search = field("Search by name", { type: "search", autocomplete: "off", value: lastSearch });
+  const search = field("Search by name", {
+    type: "search",
+    autocomplete: "off",
+    value: lastSearch,
+  });
   const rows = h("tbody");
   const problems = h("div", { class: "problems" });
   const previous = h("button", { type: "button", disabled: true }, "Previous page");
@@ -228,7 +232,9 @@ function resetAndDeleteSection(page: UserPage): HTMLElement | null {
                 "Reset",
               );
               if (!sure) throw new Cancelled("not confirmed");
-              await withProtection(actor, (headers) => client.resetSecret({ username }, { headers }));
+              await withProtection(actor, (headers) =>
+                client.resetSecret({ username }, { headers }),
+              );
               return `The secret key of ${username} is reset.`;
             }),
         },

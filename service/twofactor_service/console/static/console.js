@@ -6996,7 +6996,8 @@ function onSessionEnded(handler) {
 }
 function whyEnded(session) {
   if (session.expiresAt && Date.now() >= session.expiresAt) {
-    return `Your session expired at ${new Date(session.expiresAt).toLocaleTimeString()}. Sign in again.`;
+    const at = new Date(session.expiresAt).toLocaleTimeString();
+    return `Your session expired at ${at}. Sign in again.`;
   }
   return "Your session has ended: it was idle too long, was signed out elsewhere, or was ended when your secret key was reset. Sign in again.";
 }
@@ -7625,7 +7626,11 @@ function forgetSearch() {
   lastSearch = "";
 }
 async function usersScreen(root, actor2) {
-  const search = field("Search by name", { type: "search", autocomplete: "off", value: lastSearch });
+  const search = field("Search by name", {
+    type: "search",
+    autocomplete: "off",
+    value: lastSearch
+  });
   const rows = h("tbody");
   const problems = h("div", { class: "problems" });
   const previous = h("button", { type: "button", disabled: true }, "Previous page");
@@ -7785,7 +7790,10 @@ function resetAndDeleteSection(page) {
               "Reset"
             );
             if (!sure) throw new Cancelled("not confirmed");
-            await withProtection(actor2, (headers) => client.resetSecret({ username }, { headers }));
+            await withProtection(
+              actor2,
+              (headers) => client.resetSecret({ username }, { headers })
+            );
             return `The secret key of ${username} is reset.`;
           })
         },
