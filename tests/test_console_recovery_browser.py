@@ -16,7 +16,7 @@ from twofactor.v1 import twofactor_service_pb2 as pb
 from twofactor.v1 import twofactor_service_pb2_grpc as pb_grpc
 
 from tests.support import Actors, Person, error_reason
-from tests.test_console_browser import STEP_TIMEOUT_MS
+from tests.test_console_browser import STEP_TIMEOUT_MS, Screens, sign_in
 
 # The headless Chromium fixture, shared with the seed page's browser test.
 from tests.test_console_browser import browser as browser
@@ -43,19 +43,11 @@ def section(page: Page) -> Locator:
 
 
 async def own_page(browser: Browser, url: str, person: Person) -> Page:
-    """Signs an enrolled account in: password, then the code once the page asks for it."""
+    """Signs an enrolled account in as the seed scenario does, on its own page."""
     context = await browser.new_context(accept_downloads=True)
     page = await context.new_page()
     page.set_default_timeout(STEP_TIMEOUT_MS)
-    await page.goto(url)
-    await page.get_by_label("Username").fill(person.username)
-    await page.get_by_label("Password").fill(person.password)
-    await page.get_by_role("button", name="Sign in").click()
-    # The code field's own visibility does not tell that the page asked (its CSS shows it
-    # before); the refusal does.
-    await expect(page.get_by_role("alert").locator(".reason")).to_have_text("CODE_REQUIRED")
-    await page.get_by_label("Two-factor authentication code").fill(person.next_code())
-    await page.get_by_role("button", name="Sign in").click()
+    await sign_in(page, url, person)
     await expect(page.get_by_role("heading", name=person.username)).to_be_visible()
     return page
 
@@ -72,11 +64,14 @@ async def test_recovery_codes_are_generated_shown_once_and_downloaded(
     page = await own_page(browser, server.console.url, alice)
     recovery = section(page)
     await expect(recovery).to_contain_text("You have no recovery codes.")
+    screens = Screens()
+    await screens.save(page, "recovery-codes")
 
     await recovery.get_by_label("Current code from the authenticator app").fill(alice.next_code())
     await recovery.get_by_role("button", name="Generate new recovery codes").click()
 
     codes = await shown_codes(page)
+    await screens.save(page, "recovery-codes-shown")
     assert len(set(codes)) == 10
     async with page.expect_download() as started:
         await recovery.get_by_role("button", name="Download as text").click()
@@ -98,6 +93,7 @@ async def test_recovery_codes_are_generated_shown_once_and_downloaded(
     await expect(recovery.locator(".warning")).to_have_text(
         "3 recovery codes are left. Only a few are left: generate a new set."
     )
+    await screens.check(page, "recovery-codes-warning")
 
     # A new set replaces the old one, after a confirmation.
     await recovery.get_by_label("Current code from the authenticator app").fill(alice.next_code())

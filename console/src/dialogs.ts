@@ -9,32 +9,77 @@ import { authorization } from "./session.js";
 /** The person closed a window without going on. */
 export class Cancelled extends Error {}
 
+const FOCUSABLE =
+  'button:not([disabled]), input:not([disabled]):not([type="hidden"]), select:not([disabled]), ' +
+  'textarea:not([disabled]), a[href], [tabindex]:not([tabindex="-1"])';
+
+/**
+ * A modal window (the native <dialog>: the page behind is inert, Escape closes it). Tab and
+ * Shift+Tab stay inside it; on closing, focus returns to what opened it when that still exists.
+ */
+let windows = 0;
+
 function modal(title: string, ...body: HTMLElement[]): HTMLDialogElement {
-  const dialog = h("dialog", { "aria-label": title }, h("h2", {}, title), ...body);
+  windows += 1;
+  const heading = h("h2", { id: `dialog-${windows}` }, title);
+  const dialog = h("dialog", { "aria-labelledby": heading.id }, heading, ...body);
+  const opener = document.activeElement instanceof HTMLElement ? document.activeElement : null;
+  dialog.addEventListener("keydown", (event: KeyboardEvent) => {
+    if (event.key !== "Tab") return;
+    const inside = [...dialog.querySelectorAll<HTMLElement>(FOCUSABLE)].filter(
+      (element) => !element.closest("[hidden]"),
+    );
+    if (inside.length === 0) return;
+    const first = inside[0]!;
+    const last = inside[inside.length - 1]!;
+    if (event.shiftKey && document.activeElement === first) {
+      event.preventDefault();
+      last.focus();
+    } else if (!event.shiftKey && document.activeElement === last) {
+      event.preventDefault();
+      first.focus();
+    }
+  });
   document.body.appendChild(dialog);
-  dialog.addEventListener("close", () => dialog.remove());
+  dialog.addEventListener("close", () => {
+    dialog.remove();
+    if (opener?.isConnected) opener.focus();
+  });
   dialog.showModal();
   return dialog;
 }
 
-/** Asks to confirm an action; true when confirmed. */
+/**
+ * Asks to confirm an action; true when confirmed. The safe choice (Cancel) comes first and has
+ * the focus, so Enter or Escape at once changes nothing.
+ */
 export function confirmAction(title: string, text: string, action: string): Promise<boolean> {
   return new Promise((resolve) => {
     let confirmed = false;
+    const cancel = h("button", { type: "button", onclick: () => dialog.close() }, "Cancel");
     const dialog = modal(
       title,
       h("p", {}, text),
       h(
         "div",
         { class: "buttons" },
-        h("button", { type: "button", class: "danger", onclick: () => {
-          confirmed = true;
-          dialog.close();
-        } }, action),
-        h("button", { type: "button", onclick: () => dialog.close() }, "Cancel"),
+        cancel,
+        h(
+          "button",
+          {
+            type: "button",
+            class: "danger",
+            onclick: () => {
+              confirmed = true;
+              dialog.close();
+            },
+          },
+          action,
+        ),
       ),
     );
     dialog.addEventListener("close", () => resolve(confirmed));
+    cancel.focus();
   });
 }
 
@@ -75,8 +120,8 @@ function askForProof(actor: AccountStatus, failure: unknown): Promise<Proof | nu
         h(
           "div",
           { class: "buttons" },
-          h("button", { type: "submit" }, "OK"),
           h("button", { type: "button", onclick: () => dialog.close() }, "Cancel"),
+          h("button", { type: "submit" }, "OK"),
         ),
       ),
     );

@@ -29,3 +29,39 @@ export function mayCall(actor: AccountStatus, rpc: string, own = false): boolean
   if (policy.requireTwoFactor && actor.state !== TwoFactorState.ENROLLED) return false;
   return true;
 }
+
+export interface RightName {
+  functionalArea: string;
+  permission: string;
+}
+
+/** Every right some RPC's access policy requires: the rights worth granting. */
+export function knownRights(): RightName[] {
+  const found = new Map<string, RightName>();
+  for (const method of TwoFactorService.methods) {
+    const right = getOption(method, access_policy).requiredRight;
+    if (right === undefined) continue;
+    found.set(`${right.functionalArea}\u0000${right.permission}`, {
+      functionalArea: right.functionalArea,
+      permission: right.permission,
+    });
+  }
+  return [...found.values()];
+}
+
+// The seed page's words for the permissions ("the Modify object ACLs right").
+const PERMISSION_NAMES: Record<string, string> = {
+  MODIFY_OBJECT_ACLS: "Modify object ACLs",
+  VERIFY_CODES: "Verify codes",
+  VOUCH_DOMAIN_SIGN_IN: "Vouch for domain sign-ins",
+};
+
+/** A permission as a person reads it; an unknown one as it is stored. */
+export function permissionName(permission: string): string {
+  return PERMISSION_NAMES[permission] ?? permission;
+}
+
+/** "Modify object ACLs (General features: User permissions)". */
+export function rightName(right: RightName): string {
+  return `${permissionName(right.permission)} (${right.functionalArea})`;
+}

@@ -106,7 +106,23 @@ function listSection(name: ListName, actor: AccountStatus): HTMLElement {
     { class: "list", "aria-label": calls.title },
     h("h2", {}, calls.title),
     h("p", {}, calls.explanation),
-    h("table", {}, h("thead", {}, h("tr", {}, h("th", {}, "Name"), h("th", {}, "State"), h("th", {}, ""))), rows),
+    h(
+      "table",
+      {},
+      h("caption", { class: "visually-hidden" }, calls.title),
+      h(
+        "thead",
+        {},
+        h(
+          "tr",
+          {},
+          h("th", { scope: "col" }, "Name"),
+          h("th", { scope: "col" }, "State"),
+          h("th", { scope: "col" }, h("span", { class: "visually-hidden" }, "Action")),
+        ),
+      ),
+      rows,
+    ),
     mayCall(actor, calls.addRpc)
       ? form(
           async () => {
@@ -122,6 +138,17 @@ function listSection(name: ListName, actor: AccountStatus): HTMLElement {
   );
   load().catch((error: unknown) => problems.replaceChildren(refusalView(error)));
   return section;
+}
+
+/** How far from the current code a code is still accepted, in words. */
+function tolerance(steps: number, periodSeconds: number): string {
+  if (steps === 0) return "Only the current code is accepted.";
+  const which =
+    steps === 1 ? "the code just before and just after" : `up to ${steps} codes before and after`;
+  return (
+    `Besides the current code, ${which} it are accepted, for clocks up to ` +
+    `${steps * periodSeconds} s apart.`
+  );
 }
 
 export async function settingsScreen(root: HTMLElement, actor: AccountStatus): Promise<void> {
@@ -158,9 +185,10 @@ export async function settingsScreen(root: HTMLElement, actor: AccountStatus): P
       h(
         "p",
         { class: "note" },
-        `New keys: ${settings!.totpAlgorithm}, ${settings!.totpDigits} digits, every ` +
-          `${settings!.totpPeriodSeconds} s, ±${settings!.totpValidWindow} steps accepted ` +
-          "(the server's configuration).",
+        `New keys: ${settings!.totpAlgorithm}, ${settings!.totpDigits} digits, a new code ` +
+          `every ${settings!.totpPeriodSeconds} s. ` +
+          `${tolerance(settings!.totpValidWindow, settings!.totpPeriodSeconds)} ` +
+          "(The server's configuration.)",
       ),
     );
   } catch (error) {

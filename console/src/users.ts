@@ -1,15 +1,16 @@
-// Users: the accounts with search and paging, and a user's page with its Two-factor
-// authentication tab (the seed's steps: Regenerate secret key for one's own account, Reset
-// secret key and Delete secret key for another's).
+// Users: the accounts with search and paging, and a user's page with its tabs: Two-factor
+// authentication (the seed's steps: Regenerate secret key for one's own account, Reset secret
+// key and Delete secret key for another's) and Rights and protection.
 import { timestampDate } from "@bufbuild/protobuf/wkt";
 import { AccountKind, TwoFactorState } from "./gen/twofactor/v1/enums_pb.js";
 import type { AccountStatus } from "./gen/twofactor/v1/twofactor_service_pb.js";
-import { h, field, form, show } from "./dom.js";
+import { h, field, focusOn, form, show, tabs } from "./dom.js";
 import { Cancelled, confirmAction, withProtection } from "./dialogs.js";
 import { refusalView } from "./errors.js";
 import { pendingKeyView } from "./keys.js";
 import { mayCall } from "./policy.js";
 import { recoveryCodesSection } from "./recovery.js";
+import { rightsAndProtection } from "./rights.js";
 import { authorization, client } from "./session.js";
 
 const PAGE_SIZE = 20;
@@ -18,12 +19,28 @@ export function stateName(state: TwoFactorState): string {
   return TwoFactorState[state] ?? "UNSPECIFIED";
 }
 
+export function kindName(kind: AccountKind): string {
+  return AccountKind[kind] ?? "";
+}
+
 function userLink(name: string): HTMLAnchorElement {
   return h("a", { href: `#/users/${encodeURIComponent(name)}` }, name);
 }
 
-export async function usersScreen(root: HTMLElement): Promise<void> {
-  const search = field("Search by name", { type: "search", autocomplete: "off" });
+// The last search typed on Users, kept while this tab's session lasts: entering Users (also
+// from its own menu entry) lists the accounts as they are now, for the same search.
+let lastSearch = "";
+
+export function forgetSearch(): void {
+  lastSearch = "";
+}
+
+export async function usersScreen(root: HTMLElement, actor: AccountStatus): Promise<void> {
+  const search = field("Search by name", {
+    type: "search",
+    autocomplete: "off",
+    value: lastSearch,
+  });
   const rows = h("tbody");
   const problems = h("div", { class: "problems" });
   const previous = h("button", { type: "button", disabled: true }, "Previous page");
@@ -34,6 +51,7 @@ export async function usersScreen(root: HTMLElement): Promise<void> {
 
   const load = async () => {
     problems.replaceChildren();
+    lastSearch = search.input.value;
     try {
       const answer = await client.listAccounts(
         { usernamePrefix: search.input.value.trim(), pageSize: PAGE_SIZE, pageToken: tokens[page] },
@@ -45,7 +63,7 @@ export async function usersScreen(root: HTMLElement): Promise<void> {
             "tr",
             {},
             h("td", {}, userLink(account.username)),
-            h("td", {}, AccountKind[account.kind] ?? ""),
+            h("td", {}, kindName(account.kind)),
             h("td", { class: "state" }, stateName(account.state)),
             h("td", {}, account.protected ? "protected" : ""),
           ),
@@ -74,19 +92,34 @@ export async function usersScreen(root: HTMLElement): Promise<void> {
   show(
     root,
     h("h1", {}, "Users"),
-    form(() => {
-      tokens = [""];
-      page = 0;
-      return load();
-    }, search.row, h("button", { type: "submit" }, "Search")),
+    mayCall(actor, "CreateAccount")
+      ? h("p", {}, h("a", { href: "#/new-account", class: "action" }, "Create account"))
+      : null,
+    form(
+      () => {
+        tokens = [""];
+        page = 0;
+        return load();
+      },
+      search.row,
+      h("button", { type: "submit" }, "Search"),
+    ),
     problems,
     h(
       "table",
       { class: "accounts" },
+      h("caption", { class: "visually-hidden" }, "Accounts"),
       h(
         "thead",
         {},
-        h("tr", {}, h("th", {}, "Name"), h("th", {}, "Kind"), h("th", {}, "Two-factor state"), h("th", {}, "Protection")),
+        h(
+          "tr",
+          {},
+          h("th", { scope: "col" }, "Name"),
+          h("th", { scope: "col" }, "Kind"),
+          h("th", { scope: "col" }, "Two-factor state"),
+          h("th", { scope: "col" }, "Protection"),
+        ),
       ),
       rows,
     ),
@@ -103,39 +136,191 @@ function statusList(status: AccountStatus): HTMLElement {
     "dl",
     { class: "status" },
     ...row("State", stateName(status.state)),
-    ...row("Kind", AccountKind[status.kind] ?? ""),
+    ...row("Kind", kindName(status.kind)),
     ...row("Secret key created", when(status.keyCreateTime)),
     ...row("On the 2FA allowlist", status.allowlisted ? "yes" : "no"),
     ...row("On the exclusion list", status.excluded ? "yes" : "no"),
-    ...row(
-      "Protected against unauthorized modification",
-      status.protected ? "yes" : "no",
-    ),
+    ...row("Protected against unauthorized modification", status.protected ? "yes" : "no"),
     ...row("Consecutive failures", String(status.consecutiveFailures)),
     ...row("Locked until", when(status.lockedUntil)),
     ...row("Recovery codes left", String(status.recoveryCodesRemaining)),
   );
 }
 
-/** A user's page; `actor` is the signed-in account, `refreshActor` reloads its status. */
+/** What the parts of a user's page work with. */
+export interface UserPage {
+  username: string;
+  /** The page is the signed-in account's own. */
+  own: boolean;
+  /** The account's status as last loaded. */
+  status: AccountStatus;
+  /** The signed-in account. */
+  actor: AccountStatus;
+  /** Runs a change: shows what it returns as done (or its refusal), then reloads the page. */
+  act: (work: () => Promise<string>) => Promise<void>;
+  /** Shows `content` in place of the tab's usual content until `render` runs. */
+  replaceTab: (...content: HTMLElement[]) => void;
+  /** Reloads the account's status and shows the page again. */
+  render: () => Promise<void>;
+  /** Shows a sentence as done. */
+  done: (text: string) => void;
+  refreshActor: () => Promise<void>;
+}
+
+/** Regenerate secret key, on one's own page (the seed's steps 3.1 to 3.4). */
+function regenerateSection(page: UserPage): HTMLElement | null {
+  if (!mayCall(page.actor, "BeginRegenerateSecret", true)) return null;
+  const regenerate = async () => {
+    try {
+      const begun = await withProtection(page.actor, (headers) =>
+        client.beginRegenerateSecret({}, { headers }),
+      );
+      const panel = pendingKeyView(begun.pendingKey!, async (code) => {
+        await withProtection(page.actor, (headers) =>
+          client.confirmRegenerateSecret({ code }, { headers }),
+        );
+        await page.refreshActor();
+        page.done("The secret key for your account is changed.");
+        await page.render();
+      });
+      page.replaceTab(
+        panel,
+        h(
+          "div",
+          { class: "buttons" },
+          h("button", { type: "button", onclick: () => void page.render() }, "Cancel"),
+        ),
+      );
+      focusOn(panel.querySelector("h2")!);
+    } catch (error) {
+      if (!(error instanceof Cancelled)) throw error;
+    }
+  };
+  return h(
+    "div",
+    { class: "buttons" },
+    h(
+      "button",
+      {
+        type: "button",
+        onclick: () =>
+          void page.act(async () => {
+            await regenerate();
+            return "";
+          }),
+      },
+      "Regenerate secret key",
+    ),
+  );
+}
+
+/** Reset secret key and Delete secret key, on another account's page (steps 4 and Delete). */
+function resetAndDeleteSection(page: UserPage): HTMLElement | null {
+  const { username, actor, status } = page;
+  const buttons: HTMLElement[] = [];
+  if (mayCall(actor, "ResetSecret")) {
+    buttons.push(
+      h(
+        "button",
+        {
+          type: "button",
+          onclick: () =>
+            void page.act(async () => {
+              const sure = await confirmAction(
+                "Reset secret key",
+                `Reset the secret key of ${username}? The key is deleted and the account is ` +
+                  "added to the two-factor authentication allowlist: it sets up a new key at " +
+                  "its next sign-in.",
+                "Reset",
+              );
+              if (!sure) throw new Cancelled("not confirmed");
+              await withProtection(actor, (headers) =>
+                client.resetSecret({ username }, { headers }),
+              );
+              return `The secret key of ${username} is reset.`;
+            }),
+        },
+        "Reset secret key",
+      ),
+    );
+  }
+  // Delete: internal accounts only, never one's own (the seed's rule of the page).
+  if (status.kind === AccountKind.INTERNAL && mayCall(actor, "DeleteSecret")) {
+    buttons.push(
+      h(
+        "button",
+        {
+          type: "button",
+          class: "danger",
+          onclick: () =>
+            void page.act(async () => {
+              const sure = await confirmAction(
+                "Delete secret key",
+                `Delete the secret key of ${username}? The account is blocked from signing ` +
+                  "in until it is added to the two-factor authentication allowlist.",
+                "Delete",
+              );
+              if (!sure) throw new Cancelled("not confirmed");
+              await withProtection(actor, (headers) =>
+                client.deleteSecret({ username }, { headers }),
+              );
+              return `The secret key of ${username} is deleted.`;
+            }),
+        },
+        "Delete secret key",
+      ),
+    );
+  }
+  return buttons.length ? h("div", { class: "buttons" }, ...buttons) : null;
+}
+
+/**
+ * The parts of the Two-factor authentication tab below the status, in order. One's own page
+ * and another account's page each have their list; a new part is one more function here.
+ */
+/** Recovery codes, on one's own page once a key is set up (recovery.ts). */
+function recoverySection(page: UserPage): HTMLElement | null {
+  if (page.status.state !== TwoFactorState.ENROLLED) return null;
+  if (!mayCall(page.actor, "GenerateRecoveryCodes", true)) return null;
+  return recoveryCodesSection(page.actor, page.status, () => void page.render());
+}
+
+const OWN_PAGE_PARTS: Array<(page: UserPage) => HTMLElement | null> = [
+  regenerateSection,
+  recoverySection,
+];
+const OTHER_PAGE_PARTS: Array<(page: UserPage) => HTMLElement | null> = [resetAndDeleteSection];
+
+/**
+ * A user's page; `actor` is the signed-in account, `refreshActor` reloads its status, `notice`
+ * is a sentence to show as done (what the screen before did).
+ */
 export async function userScreen(
   root: HTMLElement,
   username: string,
   actor: AccountStatus,
   refreshActor: () => Promise<void>,
+  notice?: string,
 ): Promise<void> {
   const own = username.toLowerCase() === actor.username.toLowerCase();
-  const tab = h("section", { class: "tab", "aria-label": "Two-factor authentication" });
+  const twoFactorTab = h("div", { class: "tab" });
+  const rightsTab = h("div", { class: "tab" });
   const notices = h("div", { class: "problems" });
+  const done = (text: string) => {
+    if (text) notices.replaceChildren(h("p", { class: "done", role: "status" }, text));
+  };
   show(
     root,
     h("h1", {}, username),
-    h("nav", { class: "tabs" }, h("span", { class: "current" }, "Two-factor authentication")),
     notices,
-    tab,
+    tabs("User properties", [
+      { id: "two-factor", title: "Two-factor authentication", panel: twoFactorTab },
+      { id: "rights", title: "Rights and protection", panel: rightsTab },
+    ]),
   );
+  if (notice) done(notice);
 
-  const render = async () => {
+  const render = async (): Promise<void> => {
     let status: AccountStatus;
     try {
       const answer = await client.getAccountStatus(
@@ -144,107 +329,37 @@ export async function userScreen(
       );
       status = answer.status!;
     } catch (error) {
-      show(tab, refusalView(error));
+      show(twoFactorTab, refusalView(error));
+      rightsTab.replaceChildren();
       return;
     }
-    const act = async (work: () => Promise<string>) => {
-      notices.replaceChildren();
-      try {
-        notices.replaceChildren(h("p", { class: "done", role: "status" }, await work()));
-        await render();
-      } catch (error) {
-        if (!(error instanceof Cancelled)) notices.replaceChildren(refusalView(error));
-      }
-    };
-    const buttons: HTMLElement[] = [];
-    if (own && mayCall(actor, "BeginRegenerateSecret", true)) {
-      buttons.push(
-        h("button", { type: "button", onclick: () => void regenerate() }, "Regenerate secret key"),
-      );
-    }
-    if (!own && mayCall(actor, "ResetSecret")) {
-      buttons.push(
-        h(
-          "button",
-          {
-            type: "button",
-            onclick: () =>
-              void act(async () => {
-                const sure = await confirmAction(
-                  "Reset secret key",
-                  `Reset the secret key of ${username}? The key is deleted and the account is ` +
-                    "added to the two-factor authentication allowlist: it sets up a new key at " +
-                    "its next sign-in.",
-                  "Reset",
-                );
-                if (!sure) throw new Cancelled("not confirmed");
-                await withProtection(actor, (headers) =>
-                  client.resetSecret({ username }, { headers }),
-                );
-                return `The secret key of ${username} is reset.`;
-              }),
-          },
-          "Reset secret key",
-        ),
-      );
-    }
-    // Delete: internal accounts only, never one's own (the seed's rule of the page).
-    if (!own && status.kind === AccountKind.INTERNAL && mayCall(actor, "DeleteSecret")) {
-      buttons.push(
-        h(
-          "button",
-          {
-            type: "button",
-            class: "danger",
-            onclick: () =>
-              void act(async () => {
-                const sure = await confirmAction(
-                  "Delete secret key",
-                  `Delete the secret key of ${username}? The account is blocked from signing ` +
-                    "in until it is added to the two-factor authentication allowlist.",
-                  "Delete",
-                );
-                if (!sure) throw new Cancelled("not confirmed");
-                await withProtection(actor, (headers) =>
-                  client.deleteSecret({ username }, { headers }),
-                );
-                return `The secret key of ${username} is deleted.`;
-              }),
-          },
-          "Delete secret key",
-        ),
-      );
-    }
-    const recovery =
-      own && status.state === TwoFactorState.ENROLLED && mayCall(actor, "GenerateRecoveryCodes", true)
-        ? recoveryCodesSection(actor, status, () => void render())
-        : null;
-    show(tab, statusList(status), h("div", { class: "buttons" }, ...buttons), recovery);
-
-    async function regenerate(): Promise<void> {
-      notices.replaceChildren();
-      try {
-        const begun = await withProtection(actor, (headers) =>
-          client.beginRegenerateSecret({}, { headers }),
-        );
-        show(
-          tab,
-          pendingKeyView(begun.pendingKey!, async (code) => {
-            await withProtection(actor, (headers) =>
-              client.confirmRegenerateSecret({ code }, { headers }),
-            );
-            await refreshActor();
-            notices.replaceChildren(
-              h("p", { class: "done", role: "status" }, "The secret key for your account is changed."),
-            );
+    const page: UserPage = {
+      username,
+      own,
+      status,
+      actor,
+      render,
+      done,
+      refreshActor,
+      replaceTab: (...content) => show(twoFactorTab, ...content),
+      act: async (work) => {
+        notices.replaceChildren();
+        try {
+          const result = await work();
+          if (result) {
+            done(result);
             await render();
-          }),
-          h("div", { class: "buttons" }, h("button", { type: "button", onclick: () => void render() }, "Cancel")),
-        );
-      } catch (error) {
-        if (!(error instanceof Cancelled)) notices.replaceChildren(refusalView(error));
-      }
-    }
+            // The buttons were drawn anew: keep the keyboard's place at the news.
+            focusOn(notices);
+          }
+        } catch (error) {
+          if (!(error instanceof Cancelled)) notices.replaceChildren(refusalView(error));
+        }
+      },
+    };
+    const parts = (own ? OWN_PAGE_PARTS : OTHER_PAGE_PARTS).map((part) => part(page));
+    show(twoFactorTab, statusList(status), ...parts);
+    show(rightsTab, ...rightsAndProtection(page));
   };
   await render();
 }

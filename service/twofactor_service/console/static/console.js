@@ -1,141 +1,3 @@
-// node_modules/@bufbuild/protobuf/dist/esm/wire/base64-encoding.js
-var nativeSetFromBase64 = Uint8Array.prototype.setFromBase64;
-function base64Decode(base64Str) {
-  const len = base64Str.length;
-  let size = len - (len + 3 >> 2);
-  if ((len & 3) == 0 && base64Str[len - 1] == "=") {
-    size -= base64Str[len - 2] == "=" ? 2 : 1;
-  }
-  const bytes = new Uint8Array(size);
-  let written = -1;
-  if (nativeSetFromBase64) {
-    try {
-      const result = nativeSetFromBase64.call(bytes, base64Str);
-      if (result.read == len) {
-        written = result.written;
-      }
-    } catch (_a) {
-    }
-  }
-  if (written < 0) {
-    written = setFromBase64(bytes, base64Str);
-  }
-  return written == size ? bytes : bytes.subarray(0, written);
-}
-function setFromBase64(bytes, base64Str) {
-  const table = getDecodeTable();
-  let bytePos = 0, groupPos = 0, b, p = 0;
-  for (let i = 0; i < base64Str.length; i++) {
-    b = table[base64Str.charCodeAt(i)];
-    if (b === void 0) {
-      switch (base64Str[i]) {
-        // @ts-ignore TS7029: Fallthrough case in switch -- ignore instead of expect-error for compiler settings without noFallthroughCasesInSwitch: true
-        case "=":
-          groupPos = 0;
-        // reset state when padding found
-        case "\n":
-        case "\r":
-        case "	":
-        case " ":
-          continue;
-        // skip white-space, and padding
-        default:
-          throw Error("invalid base64 string");
-      }
-    }
-    switch (groupPos) {
-      case 0:
-        p = b;
-        groupPos = 1;
-        break;
-      case 1:
-        bytes[bytePos++] = p << 2 | (b & 48) >> 4;
-        p = b;
-        groupPos = 2;
-        break;
-      case 2:
-        bytes[bytePos++] = (p & 15) << 4 | (b & 60) >> 2;
-        p = b;
-        groupPos = 3;
-        break;
-      case 3:
-        bytes[bytePos++] = (p & 3) << 6 | b;
-        groupPos = 0;
-        break;
-    }
-  }
-  if (groupPos == 1)
-    throw Error("invalid base64 string");
-  return bytePos;
-}
-var nativeToBase64 = Uint8Array.prototype.toBase64;
-var toBase64OptionsMap = {
-  std: { alphabet: "base64", omitPadding: false },
-  std_raw: { alphabet: "base64", omitPadding: true },
-  url: { alphabet: "base64url", omitPadding: true }
-};
-function base64Encode(bytes, encoding = "std") {
-  if (nativeToBase64) {
-    return nativeToBase64.call(bytes, toBase64OptionsMap[encoding]);
-  }
-  const table = getEncodeTable(encoding);
-  const pad = encoding == "std";
-  let base64 = "", groupPos = 0, b, p = 0;
-  for (let i = 0; i < bytes.length; i++) {
-    b = bytes[i];
-    switch (groupPos) {
-      case 0:
-        base64 += table[b >> 2];
-        p = (b & 3) << 4;
-        groupPos = 1;
-        break;
-      case 1:
-        base64 += table[p | b >> 4];
-        p = (b & 15) << 2;
-        groupPos = 2;
-        break;
-      case 2:
-        base64 += table[p | b >> 6];
-        base64 += table[b & 63];
-        groupPos = 0;
-        break;
-    }
-  }
-  if (groupPos) {
-    base64 += table[p];
-    if (pad) {
-      base64 += "=";
-      if (groupPos == 1)
-        base64 += "=";
-    }
-  }
-  return base64;
-}
-var encodeTableStd;
-var encodeTableUrl;
-var decodeTable;
-function getEncodeTable(encoding) {
-  if (!encodeTableStd) {
-    encodeTableStd = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/".split("");
-    encodeTableUrl = encodeTableStd.slice(0, -2).concat("-", "_");
-  }
-  return encoding == "url" ? (
-    // biome-ignore lint/style/noNonNullAssertion: TS fails to narrow down
-    encodeTableUrl
-  ) : encodeTableStd;
-}
-function getDecodeTable() {
-  if (!decodeTable) {
-    decodeTable = [];
-    const encodeTable = getEncodeTable("std");
-    for (let i = 0; i < encodeTable.length; i++)
-      decodeTable[encodeTable[i].charCodeAt(0)] = i;
-    decodeTable["-".charCodeAt(0)] = encodeTable.indexOf("+");
-    decodeTable["_".charCodeAt(0)] = encodeTable.indexOf("/");
-  }
-  return decodeTable;
-}
-
 // node_modules/@bufbuild/protobuf/dist/esm/reflect/names.js
 function protoCamelCase(snakeCase) {
   let capNext = false;
@@ -566,8 +428,8 @@ function unsafeSet(target, field2, value) {
     target[field2.localName] = value;
   }
 }
-function setOwn(obj, key, value) {
-  if (key === "__proto__") {
+function setOwn(obj, key2, value) {
+  if (key2 === "__proto__") {
     Object.defineProperty(obj, "__proto__", {
       value,
       writable: true,
@@ -575,11 +437,11 @@ function setOwn(obj, key, value) {
       configurable: true
     });
   } else {
-    obj[key] = value;
+    obj[key2] = value;
   }
 }
-function getOwn(obj, key) {
-  return Object.prototype.hasOwnProperty.call(obj, key) ? obj[key] : void 0;
+function getOwn(obj, key2) {
+  return Object.prototype.hasOwnProperty.call(obj, key2) ? obj[key2] : void 0;
 }
 function unsafeClear(target, field2) {
   const name = field2.localName;
@@ -1997,8 +1859,8 @@ function newField(proto, parentOrFile, reg, oneof, mapEntries) {
     const mapEntry = type == TYPE_MESSAGE ? mapEntries === null || mapEntries === void 0 ? void 0 : mapEntries.get(trimLeadingDot(proto.typeName)) : void 0;
     if (mapEntry) {
       field2.fieldKind = "map";
-      const { key, value } = findMapEntryFields(mapEntry);
-      field2.mapKey = key.scalar;
+      const { key: key2, value } = findMapEntryFields(mapEntry);
+      field2.mapKey = key2.scalar;
       field2.mapKind = value.fieldKind;
       field2.message = value.message;
       field2.delimitedEncoding = false;
@@ -2193,10 +2055,10 @@ function isPackedField(proto, parent) {
   });
 }
 function findMapEntryFields(mapEntry) {
-  const key = mapEntry.fields.find((f) => f.number === 1);
+  const key2 = mapEntry.fields.find((f) => f.number === 1);
   const value = mapEntry.fields.find((f) => f.number === 2);
-  assert(key && key.fieldKind == "scalar" && key.scalar != ScalarType.BYTES && key.scalar != ScalarType.FLOAT && key.scalar != ScalarType.DOUBLE && value && value.fieldKind != "list" && value.fieldKind != "map");
-  return { key, value };
+  assert(key2 && key2.fieldKind == "scalar" && key2.scalar != ScalarType.BYTES && key2.scalar != ScalarType.FLOAT && key2.scalar != ScalarType.DOUBLE && value && value.fieldKind != "list" && value.fieldKind != "map");
+  return { key: key2, value };
 }
 function isEnumOpen(desc) {
   var _a;
@@ -2319,176 +2181,143 @@ function bootEnumDescriptorProto(init) {
   });
 }
 
-// node_modules/@bufbuild/protobuf/dist/esm/codegenv2/message.js
-function messageDesc(file, path, ...paths) {
-  return paths.reduce((acc, cur) => acc.nestedMessages[cur], file.messages[path]);
+// node_modules/@bufbuild/protobuf/dist/esm/wire/base64-encoding.js
+var nativeSetFromBase64 = Uint8Array.prototype.setFromBase64;
+function base64Decode(base64Str) {
+  const len = base64Str.length;
+  let size = len - (len + 3 >> 2);
+  if ((len & 3) == 0 && base64Str[len - 1] == "=") {
+    size -= base64Str[len - 2] == "=" ? 2 : 1;
+  }
+  const bytes = new Uint8Array(size);
+  let written = -1;
+  if (nativeSetFromBase64) {
+    try {
+      const result = nativeSetFromBase64.call(bytes, base64Str);
+      if (result.read == len) {
+        written = result.written;
+      }
+    } catch (_a) {
+    }
+  }
+  if (written < 0) {
+    written = setFromBase64(bytes, base64Str);
+  }
+  return written == size ? bytes : bytes.subarray(0, written);
 }
-
-// node_modules/@bufbuild/protobuf/dist/esm/wkt/google/protobuf/descriptor_pb.js
-var file_google_protobuf_descriptor = /* @__PURE__ */ boot({ "name": "google/protobuf/descriptor.proto", "package": "google.protobuf", "messageType": [{ "name": "FileDescriptorSet", "field": [{ "name": "file", "number": 1, "type": 11, "label": 3, "typeName": ".google.protobuf.FileDescriptorProto" }], "extensionRange": [{ "start": 536e6, "end": 536000001 }] }, { "name": "FileDescriptorProto", "field": [{ "name": "name", "number": 1, "type": 9, "label": 1 }, { "name": "package", "number": 2, "type": 9, "label": 1 }, { "name": "dependency", "number": 3, "type": 9, "label": 3 }, { "name": "public_dependency", "number": 10, "type": 5, "label": 3 }, { "name": "weak_dependency", "number": 11, "type": 5, "label": 3 }, { "name": "option_dependency", "number": 15, "type": 9, "label": 3 }, { "name": "message_type", "number": 4, "type": 11, "label": 3, "typeName": ".google.protobuf.DescriptorProto" }, { "name": "enum_type", "number": 5, "type": 11, "label": 3, "typeName": ".google.protobuf.EnumDescriptorProto" }, { "name": "service", "number": 6, "type": 11, "label": 3, "typeName": ".google.protobuf.ServiceDescriptorProto" }, { "name": "extension", "number": 7, "type": 11, "label": 3, "typeName": ".google.protobuf.FieldDescriptorProto" }, { "name": "options", "number": 8, "type": 11, "label": 1, "typeName": ".google.protobuf.FileOptions" }, { "name": "source_code_info", "number": 9, "type": 11, "label": 1, "typeName": ".google.protobuf.SourceCodeInfo" }, { "name": "syntax", "number": 12, "type": 9, "label": 1 }, { "name": "edition", "number": 14, "type": 14, "label": 1, "typeName": ".google.protobuf.Edition" }] }, { "name": "DescriptorProto", "field": [{ "name": "name", "number": 1, "type": 9, "label": 1 }, { "name": "field", "number": 2, "type": 11, "label": 3, "typeName": ".google.protobuf.FieldDescriptorProto" }, { "name": "extension", "number": 6, "type": 11, "label": 3, "typeName": ".google.protobuf.FieldDescriptorProto" }, { "name": "nested_type", "number": 3, "type": 11, "label": 3, "typeName": ".google.protobuf.DescriptorProto" }, { "name": "enum_type", "number": 4, "type": 11, "label": 3, "typeName": ".google.protobuf.EnumDescriptorProto" }, { "name": "extension_range", "number": 5, "type": 11, "label": 3, "typeName": ".google.protobuf.DescriptorProto.ExtensionRange" }, { "name": "oneof_decl", "number": 8, "type": 11, "label": 3, "typeName": ".google.protobuf.OneofDescriptorProto" }, { "name": "options", "number": 7, "type": 11, "label": 1, "typeName": ".google.protobuf.MessageOptions" }, { "name": "reserved_range", "number": 9, "type": 11, "label": 3, "typeName": ".google.protobuf.DescriptorProto.ReservedRange" }, { "name": "reserved_name", "number": 10, "type": 9, "label": 3 }, { "name": "visibility", "number": 11, "type": 14, "label": 1, "typeName": ".google.protobuf.SymbolVisibility" }], "nestedType": [{ "name": "ExtensionRange", "field": [{ "name": "start", "number": 1, "type": 5, "label": 1 }, { "name": "end", "number": 2, "type": 5, "label": 1 }, { "name": "options", "number": 3, "type": 11, "label": 1, "typeName": ".google.protobuf.ExtensionRangeOptions" }] }, { "name": "ReservedRange", "field": [{ "name": "start", "number": 1, "type": 5, "label": 1 }, { "name": "end", "number": 2, "type": 5, "label": 1 }] }] }, { "name": "ExtensionRangeOptions", "field": [{ "name": "uninterpreted_option", "number": 999, "type": 11, "label": 3, "typeName": ".google.protobuf.UninterpretedOption" }, { "name": "declaration", "number": 2, "type": 11, "label": 3, "typeName": ".google.protobuf.ExtensionRangeOptions.Declaration", "options": { "retention": 2 } }, { "name": "features", "number": 50, "type": 11, "label": 1, "typeName": ".google.protobuf.FeatureSet" }, { "name": "verification", "number": 3, "type": 14, "label": 1, "typeName": ".google.protobuf.ExtensionRangeOptions.VerificationState", "defaultValue": "UNVERIFIED", "options": { "retention": 2 } }], "nestedType": [{ "name": "Declaration", "field": [{ "name": "number", "number": 1, "type": 5, "label": 1 }, { "name": "full_name", "number": 2, "type": 9, "label": 1 }, { "name": "type", "number": 3, "type": 9, "label": 1 }, { "name": "reserved", "number": 5, "type": 8, "label": 1 }, { "name": "repeated", "number": 6, "type": 8, "label": 1 }] }], "enumType": [{ "name": "VerificationState", "value": [{ "name": "DECLARATION", "number": 0 }, { "name": "UNVERIFIED", "number": 1 }] }], "extensionRange": [{ "start": 990, "end": 999 }, { "start": 1e3, "end": 536870912 }] }, { "name": "FieldDescriptorProto", "field": [{ "name": "name", "number": 1, "type": 9, "label": 1 }, { "name": "number", "number": 3, "type": 5, "label": 1 }, { "name": "label", "number": 4, "type": 14, "label": 1, "typeName": ".google.protobuf.FieldDescriptorProto.Label" }, { "name": "type", "number": 5, "type": 14, "label": 1, "typeName": ".google.protobuf.FieldDescriptorProto.Type" }, { "name": "type_name", "number": 6, "type": 9, "label": 1 }, { "name": "extendee", "number": 2, "type": 9, "label": 1 }, { "name": "default_value", "number": 7, "type": 9, "label": 1 }, { "name": "oneof_index", "number": 9, "type": 5, "label": 1 }, { "name": "json_name", "number": 10, "type": 9, "label": 1 }, { "name": "options", "number": 8, "type": 11, "label": 1, "typeName": ".google.protobuf.FieldOptions" }, { "name": "proto3_optional", "number": 17, "type": 8, "label": 1 }], "enumType": [{ "name": "Type", "value": [{ "name": "TYPE_DOUBLE", "number": 1 }, { "name": "TYPE_FLOAT", "number": 2 }, { "name": "TYPE_INT64", "number": 3 }, { "name": "TYPE_UINT64", "number": 4 }, { "name": "TYPE_INT32", "number": 5 }, { "name": "TYPE_FIXED64", "number": 6 }, { "name": "TYPE_FIXED32", "number": 7 }, { "name": "TYPE_BOOL", "number": 8 }, { "name": "TYPE_STRING", "number": 9 }, { "name": "TYPE_GROUP", "number": 10 }, { "name": "TYPE_MESSAGE", "number": 11 }, { "name": "TYPE_BYTES", "number": 12 }, { "name": "TYPE_UINT32", "number": 13 }, { "name": "TYPE_ENUM", "number": 14 }, { "name": "TYPE_SFIXED32", "number": 15 }, { "name": "TYPE_SFIXED64", "number": 16 }, { "name": "TYPE_SINT32", "number": 17 }, { "name": "TYPE_SINT64", "number": 18 }] }, { "name": "Label", "value": [{ "name": "LABEL_OPTIONAL", "number": 1 }, { "name": "LABEL_REPEATED", "number": 3 }, { "name": "LABEL_REQUIRED", "number": 2 }] }] }, { "name": "OneofDescriptorProto", "field": [{ "name": "name", "number": 1, "type": 9, "label": 1 }, { "name": "options", "number": 2, "type": 11, "label": 1, "typeName": ".google.protobuf.OneofOptions" }] }, { "name": "EnumDescriptorProto", "field": [{ "name": "name", "number": 1, "type": 9, "label": 1 }, { "name": "value", "number": 2, "type": 11, "label": 3, "typeName": ".google.protobuf.EnumValueDescriptorProto" }, { "name": "options", "number": 3, "type": 11, "label": 1, "typeName": ".google.protobuf.EnumOptions" }, { "name": "reserved_range", "number": 4, "type": 11, "label": 3, "typeName": ".google.protobuf.EnumDescriptorProto.EnumReservedRange" }, { "name": "reserved_name", "number": 5, "type": 9, "label": 3 }, { "name": "visibility", "number": 6, "type": 14, "label": 1, "typeName": ".google.protobuf.SymbolVisibility" }], "nestedType": [{ "name": "EnumReservedRange", "field": [{ "name": "start", "number": 1, "type": 5, "label": 1 }, { "name": "end", "number": 2, "type": 5, "label": 1 }] }] }, { "name": "EnumValueDescriptorProto", "field": [{ "name": "name", "number": 1, "type": 9, "label": 1 }, { "name": "number", "number": 2, "type": 5, "label": 1 }, { "name": "options", "number": 3, "type": 11, "label": 1, "typeName": ".google.protobuf.EnumValueOptions" }] }, { "name": "ServiceDescriptorProto", "field": [{ "name": "name", "number": 1, "type": 9, "label": 1 }, { "name": "method", "number": 2, "type": 11, "label": 3, "typeName": ".google.protobuf.MethodDescriptorProto" }, { "name": "options", "number": 3, "type": 11, "label": 1, "typeName": ".google.protobuf.ServiceOptions" }] }, { "name": "MethodDescriptorProto", "field": [{ "name": "name", "number": 1, "type": 9, "label": 1 }, { "name": "input_type", "number": 2, "type": 9, "label": 1 }, { "name": "output_type", "number": 3, "type": 9, "label": 1 }, { "name": "options", "number": 4, "type": 11, "label": 1, "typeName": ".google.protobuf.MethodOptions" }, { "name": "client_streaming", "number": 5, "type": 8, "label": 1, "defaultValue": "false" }, { "name": "server_streaming", "number": 6, "type": 8, "label": 1, "defaultValue": "false" }] }, { "name": "FileOptions", "field": [{ "name": "java_package", "number": 1, "type": 9, "label": 1 }, { "name": "java_outer_classname", "number": 8, "type": 9, "label": 1 }, { "name": "java_multiple_files", "number": 10, "type": 8, "label": 1, "defaultValue": "false", "options": {} }, { "name": "java_generate_equals_and_hash", "number": 20, "type": 8, "label": 1, "options": { "deprecated": true } }, { "name": "java_string_check_utf8", "number": 27, "type": 8, "label": 1, "defaultValue": "false" }, { "name": "optimize_for", "number": 9, "type": 14, "label": 1, "typeName": ".google.protobuf.FileOptions.OptimizeMode", "defaultValue": "SPEED" }, { "name": "go_package", "number": 11, "type": 9, "label": 1 }, { "name": "cc_generic_services", "number": 16, "type": 8, "label": 1, "defaultValue": "false" }, { "name": "java_generic_services", "number": 17, "type": 8, "label": 1, "defaultValue": "false" }, { "name": "py_generic_services", "number": 18, "type": 8, "label": 1, "defaultValue": "false" }, { "name": "deprecated", "number": 23, "type": 8, "label": 1, "defaultValue": "false" }, { "name": "cc_enable_arenas", "number": 31, "type": 8, "label": 1, "defaultValue": "true", "options": {} }, { "name": "objc_class_prefix", "number": 36, "type": 9, "label": 1 }, { "name": "csharp_namespace", "number": 37, "type": 9, "label": 1 }, { "name": "swift_prefix", "number": 39, "type": 9, "label": 1 }, { "name": "php_class_prefix", "number": 40, "type": 9, "label": 1 }, { "name": "php_namespace", "number": 41, "type": 9, "label": 1 }, { "name": "php_metadata_namespace", "number": 44, "type": 9, "label": 1 }, { "name": "ruby_package", "number": 45, "type": 9, "label": 1 }, { "name": "features", "number": 50, "type": 11, "label": 1, "typeName": ".google.protobuf.FeatureSet" }, { "name": "uninterpreted_option", "number": 999, "type": 11, "label": 3, "typeName": ".google.protobuf.UninterpretedOption" }], "enumType": [{ "name": "OptimizeMode", "value": [{ "name": "SPEED", "number": 1 }, { "name": "CODE_SIZE", "number": 2 }, { "name": "LITE_RUNTIME", "number": 3 }] }], "extensionRange": [{ "start": 990, "end": 999 }, { "start": 1e3, "end": 536870912 }] }, { "name": "MessageOptions", "field": [{ "name": "message_set_wire_format", "number": 1, "type": 8, "label": 1, "defaultValue": "false" }, { "name": "no_standard_descriptor_accessor", "number": 2, "type": 8, "label": 1, "defaultValue": "false" }, { "name": "deprecated", "number": 3, "type": 8, "label": 1, "defaultValue": "false" }, { "name": "map_entry", "number": 7, "type": 8, "label": 1 }, { "name": "deprecated_legacy_json_field_conflicts", "number": 11, "type": 8, "label": 1, "options": { "deprecated": true } }, { "name": "features", "number": 12, "type": 11, "label": 1, "typeName": ".google.protobuf.FeatureSet" }, { "name": "uninterpreted_option", "number": 999, "type": 11, "label": 3, "typeName": ".google.protobuf.UninterpretedOption" }], "extensionRange": [{ "start": 990, "end": 999 }, { "start": 1e3, "end": 536870912 }] }, { "name": "FieldOptions", "field": [{ "name": "ctype", "number": 1, "type": 14, "label": 1, "typeName": ".google.protobuf.FieldOptions.CType", "defaultValue": "STRING" }, { "name": "packed", "number": 2, "type": 8, "label": 1 }, { "name": "jstype", "number": 6, "type": 14, "label": 1, "typeName": ".google.protobuf.FieldOptions.JSType", "defaultValue": "JS_NORMAL" }, { "name": "lazy", "number": 5, "type": 8, "label": 1, "defaultValue": "false" }, { "name": "unverified_lazy", "number": 15, "type": 8, "label": 1, "defaultValue": "false" }, { "name": "deprecated", "number": 3, "type": 8, "label": 1, "defaultValue": "false" }, { "name": "weak", "number": 10, "type": 8, "label": 1, "defaultValue": "false", "options": { "deprecated": true } }, { "name": "debug_redact", "number": 16, "type": 8, "label": 1, "defaultValue": "false" }, { "name": "retention", "number": 17, "type": 14, "label": 1, "typeName": ".google.protobuf.FieldOptions.OptionRetention" }, { "name": "targets", "number": 19, "type": 14, "label": 3, "typeName": ".google.protobuf.FieldOptions.OptionTargetType" }, { "name": "edition_defaults", "number": 20, "type": 11, "label": 3, "typeName": ".google.protobuf.FieldOptions.EditionDefault" }, { "name": "features", "number": 21, "type": 11, "label": 1, "typeName": ".google.protobuf.FeatureSet" }, { "name": "feature_support", "number": 22, "type": 11, "label": 1, "typeName": ".google.protobuf.FieldOptions.FeatureSupport" }, { "name": "uninterpreted_option", "number": 999, "type": 11, "label": 3, "typeName": ".google.protobuf.UninterpretedOption" }], "nestedType": [{ "name": "EditionDefault", "field": [{ "name": "edition", "number": 3, "type": 14, "label": 1, "typeName": ".google.protobuf.Edition" }, { "name": "value", "number": 2, "type": 9, "label": 1 }] }, { "name": "FeatureSupport", "field": [{ "name": "edition_introduced", "number": 1, "type": 14, "label": 1, "typeName": ".google.protobuf.Edition" }, { "name": "edition_deprecated", "number": 2, "type": 14, "label": 1, "typeName": ".google.protobuf.Edition" }, { "name": "deprecation_warning", "number": 3, "type": 9, "label": 1 }, { "name": "edition_removed", "number": 4, "type": 14, "label": 1, "typeName": ".google.protobuf.Edition" }, { "name": "removal_error", "number": 5, "type": 9, "label": 1 }] }], "enumType": [{ "name": "CType", "value": [{ "name": "STRING", "number": 0 }, { "name": "CORD", "number": 1 }, { "name": "STRING_PIECE", "number": 2 }] }, { "name": "JSType", "value": [{ "name": "JS_NORMAL", "number": 0 }, { "name": "JS_STRING", "number": 1 }, { "name": "JS_NUMBER", "number": 2 }] }, { "name": "OptionRetention", "value": [{ "name": "RETENTION_UNKNOWN", "number": 0 }, { "name": "RETENTION_RUNTIME", "number": 1 }, { "name": "RETENTION_SOURCE", "number": 2 }] }, { "name": "OptionTargetType", "value": [{ "name": "TARGET_TYPE_UNKNOWN", "number": 0 }, { "name": "TARGET_TYPE_FILE", "number": 1 }, { "name": "TARGET_TYPE_EXTENSION_RANGE", "number": 2 }, { "name": "TARGET_TYPE_MESSAGE", "number": 3 }, { "name": "TARGET_TYPE_FIELD", "number": 4 }, { "name": "TARGET_TYPE_ONEOF", "number": 5 }, { "name": "TARGET_TYPE_ENUM", "number": 6 }, { "name": "TARGET_TYPE_ENUM_ENTRY", "number": 7 }, { "name": "TARGET_TYPE_SERVICE", "number": 8 }, { "name": "TARGET_TYPE_METHOD", "number": 9 }] }], "extensionRange": [{ "start": 990, "end": 999 }, { "start": 1e3, "end": 536870912 }] }, { "name": "OneofOptions", "field": [{ "name": "features", "number": 1, "type": 11, "label": 1, "typeName": ".google.protobuf.FeatureSet" }, { "name": "uninterpreted_option", "number": 999, "type": 11, "label": 3, "typeName": ".google.protobuf.UninterpretedOption" }], "extensionRange": [{ "start": 990, "end": 999 }, { "start": 1e3, "end": 536870912 }] }, { "name": "EnumOptions", "field": [{ "name": "allow_alias", "number": 2, "type": 8, "label": 1 }, { "name": "deprecated", "number": 3, "type": 8, "label": 1, "defaultValue": "false" }, { "name": "deprecated_legacy_json_field_conflicts", "number": 6, "type": 8, "label": 1, "options": { "deprecated": true } }, { "name": "features", "number": 7, "type": 11, "label": 1, "typeName": ".google.protobuf.FeatureSet" }, { "name": "uninterpreted_option", "number": 999, "type": 11, "label": 3, "typeName": ".google.protobuf.UninterpretedOption" }], "extensionRange": [{ "start": 990, "end": 999 }, { "start": 1e3, "end": 536870912 }] }, { "name": "EnumValueOptions", "field": [{ "name": "deprecated", "number": 1, "type": 8, "label": 1, "defaultValue": "false" }, { "name": "features", "number": 2, "type": 11, "label": 1, "typeName": ".google.protobuf.FeatureSet" }, { "name": "debug_redact", "number": 3, "type": 8, "label": 1, "defaultValue": "false" }, { "name": "feature_support", "number": 4, "type": 11, "label": 1, "typeName": ".google.protobuf.FieldOptions.FeatureSupport" }, { "name": "uninterpreted_option", "number": 999, "type": 11, "label": 3, "typeName": ".google.protobuf.UninterpretedOption" }], "extensionRange": [{ "start": 990, "end": 999 }, { "start": 1e3, "end": 536870912 }] }, { "name": "ServiceOptions", "field": [{ "name": "features", "number": 34, "type": 11, "label": 1, "typeName": ".google.protobuf.FeatureSet" }, { "name": "deprecated", "number": 33, "type": 8, "label": 1, "defaultValue": "false" }, { "name": "uninterpreted_option", "number": 999, "type": 11, "label": 3, "typeName": ".google.protobuf.UninterpretedOption" }], "extensionRange": [{ "start": 990, "end": 999 }, { "start": 1e3, "end": 536870912 }] }, { "name": "MethodOptions", "field": [{ "name": "deprecated", "number": 33, "type": 8, "label": 1, "defaultValue": "false" }, { "name": "idempotency_level", "number": 34, "type": 14, "label": 1, "typeName": ".google.protobuf.MethodOptions.IdempotencyLevel", "defaultValue": "IDEMPOTENCY_UNKNOWN" }, { "name": "features", "number": 35, "type": 11, "label": 1, "typeName": ".google.protobuf.FeatureSet" }, { "name": "uninterpreted_option", "number": 999, "type": 11, "label": 3, "typeName": ".google.protobuf.UninterpretedOption" }], "enumType": [{ "name": "IdempotencyLevel", "value": [{ "name": "IDEMPOTENCY_UNKNOWN", "number": 0 }, { "name": "NO_SIDE_EFFECTS", "number": 1 }, { "name": "IDEMPOTENT", "number": 2 }] }], "extensionRange": [{ "start": 990, "end": 999 }, { "start": 1e3, "end": 536870912 }] }, { "name": "UninterpretedOption", "field": [{ "name": "name", "number": 2, "type": 11, "label": 3, "typeName": ".google.protobuf.UninterpretedOption.NamePart" }, { "name": "identifier_value", "number": 3, "type": 9, "label": 1 }, { "name": "positive_int_value", "number": 4, "type": 4, "label": 1 }, { "name": "negative_int_value", "number": 5, "type": 3, "label": 1 }, { "name": "double_value", "number": 6, "type": 1, "label": 1 }, { "name": "string_value", "number": 7, "type": 12, "label": 1 }, { "name": "aggregate_value", "number": 8, "type": 9, "label": 1 }], "nestedType": [{ "name": "NamePart", "field": [{ "name": "name_part", "number": 1, "type": 9, "label": 2 }, { "name": "is_extension", "number": 2, "type": 8, "label": 2 }] }] }, { "name": "FeatureSet", "field": [{ "name": "field_presence", "number": 1, "type": 14, "label": 1, "typeName": ".google.protobuf.FeatureSet.FieldPresence", "options": { "retention": 1, "targets": [4, 1], "editionDefaults": [{ "value": "EXPLICIT", "edition": 900 }, { "value": "IMPLICIT", "edition": 999 }, { "value": "EXPLICIT", "edition": 1e3 }] } }, { "name": "enum_type", "number": 2, "type": 14, "label": 1, "typeName": ".google.protobuf.FeatureSet.EnumType", "options": { "retention": 1, "targets": [6, 1], "editionDefaults": [{ "value": "CLOSED", "edition": 900 }, { "value": "OPEN", "edition": 999 }] } }, { "name": "repeated_field_encoding", "number": 3, "type": 14, "label": 1, "typeName": ".google.protobuf.FeatureSet.RepeatedFieldEncoding", "options": { "retention": 1, "targets": [4, 1], "editionDefaults": [{ "value": "EXPANDED", "edition": 900 }, { "value": "PACKED", "edition": 999 }] } }, { "name": "utf8_validation", "number": 4, "type": 14, "label": 1, "typeName": ".google.protobuf.FeatureSet.Utf8Validation", "options": { "retention": 1, "targets": [4, 1], "editionDefaults": [{ "value": "NONE", "edition": 900 }, { "value": "VERIFY", "edition": 999 }] } }, { "name": "message_encoding", "number": 5, "type": 14, "label": 1, "typeName": ".google.protobuf.FeatureSet.MessageEncoding", "options": { "retention": 1, "targets": [4, 1], "editionDefaults": [{ "value": "LENGTH_PREFIXED", "edition": 900 }] } }, { "name": "json_format", "number": 6, "type": 14, "label": 1, "typeName": ".google.protobuf.FeatureSet.JsonFormat", "options": { "retention": 1, "targets": [3, 6, 1], "editionDefaults": [{ "value": "LEGACY_BEST_EFFORT", "edition": 900 }, { "value": "ALLOW", "edition": 999 }] } }, { "name": "enforce_naming_style", "number": 7, "type": 14, "label": 1, "typeName": ".google.protobuf.FeatureSet.EnforceNamingStyle", "options": { "retention": 2, "targets": [1, 2, 3, 4, 5, 6, 7, 8, 9], "editionDefaults": [{ "value": "STYLE_LEGACY", "edition": 900 }, { "value": "STYLE2024", "edition": 1001 }, { "value": "STYLE2026", "edition": 1002 }] } }, { "name": "default_symbol_visibility", "number": 8, "type": 14, "label": 1, "typeName": ".google.protobuf.FeatureSet.VisibilityFeature.DefaultSymbolVisibility", "options": { "retention": 2, "targets": [1], "editionDefaults": [{ "value": "EXPORT_ALL", "edition": 900 }, { "value": "EXPORT_TOP_LEVEL", "edition": 1001 }, { "value": "STRICT", "edition": 1002 }] } }, { "name": "enforce_proto_limits", "number": 9, "type": 14, "label": 1, "typeName": ".google.protobuf.FeatureSet.ProtoLimitsFeature.EnforceProtoLimits", "options": { "retention": 2, "targets": [6, 3, 4, 5], "editionDefaults": [{ "value": "LEGACY_NO_EXPLICIT_LIMITS", "edition": 900 }, { "value": "PROTO_LIMITS2026", "edition": 1002 }] } }], "nestedType": [{ "name": "VisibilityFeature", "enumType": [{ "name": "DefaultSymbolVisibility", "value": [{ "name": "DEFAULT_SYMBOL_VISIBILITY_UNKNOWN", "number": 0 }, { "name": "EXPORT_ALL", "number": 1 }, { "name": "EXPORT_TOP_LEVEL", "number": 2 }, { "name": "LOCAL_ALL", "number": 3 }, { "name": "STRICT", "number": 4 }] }] }, { "name": "ProtoLimitsFeature", "enumType": [{ "name": "EnforceProtoLimits", "value": [{ "name": "PROTO_LIMITS_UNKNOWN", "number": 0 }, { "name": "LEGACY_NO_EXPLICIT_LIMITS", "number": 1 }, { "name": "PROTO_LIMITS2026", "number": 2 }] }] }], "enumType": [{ "name": "FieldPresence", "value": [{ "name": "FIELD_PRESENCE_UNKNOWN", "number": 0 }, { "name": "EXPLICIT", "number": 1 }, { "name": "IMPLICIT", "number": 2 }, { "name": "LEGACY_REQUIRED", "number": 3 }] }, { "name": "EnumType", "value": [{ "name": "ENUM_TYPE_UNKNOWN", "number": 0 }, { "name": "OPEN", "number": 1 }, { "name": "CLOSED", "number": 2 }] }, { "name": "RepeatedFieldEncoding", "value": [{ "name": "REPEATED_FIELD_ENCODING_UNKNOWN", "number": 0 }, { "name": "PACKED", "number": 1 }, { "name": "EXPANDED", "number": 2 }] }, { "name": "Utf8Validation", "value": [{ "name": "UTF8_VALIDATION_UNKNOWN", "number": 0 }, { "name": "VERIFY", "number": 2 }, { "name": "NONE", "number": 3 }] }, { "name": "MessageEncoding", "value": [{ "name": "MESSAGE_ENCODING_UNKNOWN", "number": 0 }, { "name": "LENGTH_PREFIXED", "number": 1 }, { "name": "DELIMITED", "number": 2 }] }, { "name": "JsonFormat", "value": [{ "name": "JSON_FORMAT_UNKNOWN", "number": 0 }, { "name": "ALLOW", "number": 1 }, { "name": "LEGACY_BEST_EFFORT", "number": 2 }] }, { "name": "EnforceNamingStyle", "value": [{ "name": "ENFORCE_NAMING_STYLE_UNKNOWN", "number": 0 }, { "name": "STYLE2024", "number": 1 }, { "name": "STYLE_LEGACY", "number": 2 }, { "name": "STYLE2026", "number": 3 }] }], "extensionRange": [{ "start": 1e3, "end": 9995 }, { "start": 9995, "end": 1e4 }, { "start": 1e4, "end": 10001 }] }, { "name": "FeatureSetDefaults", "field": [{ "name": "defaults", "number": 1, "type": 11, "label": 3, "typeName": ".google.protobuf.FeatureSetDefaults.FeatureSetEditionDefault" }, { "name": "minimum_edition", "number": 4, "type": 14, "label": 1, "typeName": ".google.protobuf.Edition" }, { "name": "maximum_edition", "number": 5, "type": 14, "label": 1, "typeName": ".google.protobuf.Edition" }], "nestedType": [{ "name": "FeatureSetEditionDefault", "field": [{ "name": "edition", "number": 3, "type": 14, "label": 1, "typeName": ".google.protobuf.Edition" }, { "name": "overridable_features", "number": 4, "type": 11, "label": 1, "typeName": ".google.protobuf.FeatureSet" }, { "name": "fixed_features", "number": 5, "type": 11, "label": 1, "typeName": ".google.protobuf.FeatureSet" }] }] }, { "name": "SourceCodeInfo", "field": [{ "name": "location", "number": 1, "type": 11, "label": 3, "typeName": ".google.protobuf.SourceCodeInfo.Location" }], "nestedType": [{ "name": "Location", "field": [{ "name": "path", "number": 1, "type": 5, "label": 3, "options": { "packed": true } }, { "name": "span", "number": 2, "type": 5, "label": 3, "options": { "packed": true } }, { "name": "leading_comments", "number": 3, "type": 9, "label": 1 }, { "name": "trailing_comments", "number": 4, "type": 9, "label": 1 }, { "name": "leading_detached_comments", "number": 6, "type": 9, "label": 3 }] }], "extensionRange": [{ "start": 536e6, "end": 536000001 }] }, { "name": "GeneratedCodeInfo", "field": [{ "name": "annotation", "number": 1, "type": 11, "label": 3, "typeName": ".google.protobuf.GeneratedCodeInfo.Annotation" }], "nestedType": [{ "name": "Annotation", "field": [{ "name": "path", "number": 1, "type": 5, "label": 3, "options": { "packed": true } }, { "name": "source_file", "number": 2, "type": 9, "label": 1 }, { "name": "begin", "number": 3, "type": 5, "label": 1 }, { "name": "end", "number": 4, "type": 5, "label": 1 }, { "name": "semantic", "number": 5, "type": 14, "label": 1, "typeName": ".google.protobuf.GeneratedCodeInfo.Annotation.Semantic" }], "enumType": [{ "name": "Semantic", "value": [{ "name": "NONE", "number": 0 }, { "name": "SET", "number": 1 }, { "name": "ALIAS", "number": 2 }] }] }] }], "enumType": [{ "name": "Edition", "value": [{ "name": "EDITION_UNKNOWN", "number": 0 }, { "name": "EDITION_LEGACY", "number": 900 }, { "name": "EDITION_PROTO2", "number": 998 }, { "name": "EDITION_PROTO3", "number": 999 }, { "name": "EDITION_2023", "number": 1e3 }, { "name": "EDITION_2024", "number": 1001 }, { "name": "EDITION_2026", "number": 1002 }, { "name": "EDITION_UNSTABLE", "number": 9999 }, { "name": "EDITION_1_TEST_ONLY", "number": 1 }, { "name": "EDITION_2_TEST_ONLY", "number": 2 }, { "name": "EDITION_99997_TEST_ONLY", "number": 99997 }, { "name": "EDITION_99998_TEST_ONLY", "number": 99998 }, { "name": "EDITION_99999_TEST_ONLY", "number": 99999 }, { "name": "EDITION_MAX", "number": 2147483647 }] }, { "name": "SymbolVisibility", "value": [{ "name": "VISIBILITY_UNSET", "number": 0 }, { "name": "VISIBILITY_LOCAL", "number": 1 }, { "name": "VISIBILITY_EXPORT", "number": 2 }] }] });
-var FileDescriptorProtoSchema = /* @__PURE__ */ messageDesc(file_google_protobuf_descriptor, 1);
-var ExtensionRangeOptions_VerificationState;
-(function(ExtensionRangeOptions_VerificationState2) {
-  ExtensionRangeOptions_VerificationState2[ExtensionRangeOptions_VerificationState2["DECLARATION"] = 0] = "DECLARATION";
-  ExtensionRangeOptions_VerificationState2[ExtensionRangeOptions_VerificationState2["UNVERIFIED"] = 1] = "UNVERIFIED";
-})(ExtensionRangeOptions_VerificationState || (ExtensionRangeOptions_VerificationState = {}));
-var FieldDescriptorProto_Type;
-(function(FieldDescriptorProto_Type2) {
-  FieldDescriptorProto_Type2[FieldDescriptorProto_Type2["DOUBLE"] = 1] = "DOUBLE";
-  FieldDescriptorProto_Type2[FieldDescriptorProto_Type2["FLOAT"] = 2] = "FLOAT";
-  FieldDescriptorProto_Type2[FieldDescriptorProto_Type2["INT64"] = 3] = "INT64";
-  FieldDescriptorProto_Type2[FieldDescriptorProto_Type2["UINT64"] = 4] = "UINT64";
-  FieldDescriptorProto_Type2[FieldDescriptorProto_Type2["INT32"] = 5] = "INT32";
-  FieldDescriptorProto_Type2[FieldDescriptorProto_Type2["FIXED64"] = 6] = "FIXED64";
-  FieldDescriptorProto_Type2[FieldDescriptorProto_Type2["FIXED32"] = 7] = "FIXED32";
-  FieldDescriptorProto_Type2[FieldDescriptorProto_Type2["BOOL"] = 8] = "BOOL";
-  FieldDescriptorProto_Type2[FieldDescriptorProto_Type2["STRING"] = 9] = "STRING";
-  FieldDescriptorProto_Type2[FieldDescriptorProto_Type2["GROUP"] = 10] = "GROUP";
-  FieldDescriptorProto_Type2[FieldDescriptorProto_Type2["MESSAGE"] = 11] = "MESSAGE";
-  FieldDescriptorProto_Type2[FieldDescriptorProto_Type2["BYTES"] = 12] = "BYTES";
-  FieldDescriptorProto_Type2[FieldDescriptorProto_Type2["UINT32"] = 13] = "UINT32";
-  FieldDescriptorProto_Type2[FieldDescriptorProto_Type2["ENUM"] = 14] = "ENUM";
-  FieldDescriptorProto_Type2[FieldDescriptorProto_Type2["SFIXED32"] = 15] = "SFIXED32";
-  FieldDescriptorProto_Type2[FieldDescriptorProto_Type2["SFIXED64"] = 16] = "SFIXED64";
-  FieldDescriptorProto_Type2[FieldDescriptorProto_Type2["SINT32"] = 17] = "SINT32";
-  FieldDescriptorProto_Type2[FieldDescriptorProto_Type2["SINT64"] = 18] = "SINT64";
-})(FieldDescriptorProto_Type || (FieldDescriptorProto_Type = {}));
-var FieldDescriptorProto_Label;
-(function(FieldDescriptorProto_Label2) {
-  FieldDescriptorProto_Label2[FieldDescriptorProto_Label2["OPTIONAL"] = 1] = "OPTIONAL";
-  FieldDescriptorProto_Label2[FieldDescriptorProto_Label2["REPEATED"] = 3] = "REPEATED";
-  FieldDescriptorProto_Label2[FieldDescriptorProto_Label2["REQUIRED"] = 2] = "REQUIRED";
-})(FieldDescriptorProto_Label || (FieldDescriptorProto_Label = {}));
-var FileOptions_OptimizeMode;
-(function(FileOptions_OptimizeMode2) {
-  FileOptions_OptimizeMode2[FileOptions_OptimizeMode2["SPEED"] = 1] = "SPEED";
-  FileOptions_OptimizeMode2[FileOptions_OptimizeMode2["CODE_SIZE"] = 2] = "CODE_SIZE";
-  FileOptions_OptimizeMode2[FileOptions_OptimizeMode2["LITE_RUNTIME"] = 3] = "LITE_RUNTIME";
-})(FileOptions_OptimizeMode || (FileOptions_OptimizeMode = {}));
-var FieldOptions_CType;
-(function(FieldOptions_CType2) {
-  FieldOptions_CType2[FieldOptions_CType2["STRING"] = 0] = "STRING";
-  FieldOptions_CType2[FieldOptions_CType2["CORD"] = 1] = "CORD";
-  FieldOptions_CType2[FieldOptions_CType2["STRING_PIECE"] = 2] = "STRING_PIECE";
-})(FieldOptions_CType || (FieldOptions_CType = {}));
-var FieldOptions_JSType;
-(function(FieldOptions_JSType2) {
-  FieldOptions_JSType2[FieldOptions_JSType2["JS_NORMAL"] = 0] = "JS_NORMAL";
-  FieldOptions_JSType2[FieldOptions_JSType2["JS_STRING"] = 1] = "JS_STRING";
-  FieldOptions_JSType2[FieldOptions_JSType2["JS_NUMBER"] = 2] = "JS_NUMBER";
-})(FieldOptions_JSType || (FieldOptions_JSType = {}));
-var FieldOptions_OptionRetention;
-(function(FieldOptions_OptionRetention2) {
-  FieldOptions_OptionRetention2[FieldOptions_OptionRetention2["RETENTION_UNKNOWN"] = 0] = "RETENTION_UNKNOWN";
-  FieldOptions_OptionRetention2[FieldOptions_OptionRetention2["RETENTION_RUNTIME"] = 1] = "RETENTION_RUNTIME";
-  FieldOptions_OptionRetention2[FieldOptions_OptionRetention2["RETENTION_SOURCE"] = 2] = "RETENTION_SOURCE";
-})(FieldOptions_OptionRetention || (FieldOptions_OptionRetention = {}));
-var FieldOptions_OptionTargetType;
-(function(FieldOptions_OptionTargetType2) {
-  FieldOptions_OptionTargetType2[FieldOptions_OptionTargetType2["TARGET_TYPE_UNKNOWN"] = 0] = "TARGET_TYPE_UNKNOWN";
-  FieldOptions_OptionTargetType2[FieldOptions_OptionTargetType2["TARGET_TYPE_FILE"] = 1] = "TARGET_TYPE_FILE";
-  FieldOptions_OptionTargetType2[FieldOptions_OptionTargetType2["TARGET_TYPE_EXTENSION_RANGE"] = 2] = "TARGET_TYPE_EXTENSION_RANGE";
-  FieldOptions_OptionTargetType2[FieldOptions_OptionTargetType2["TARGET_TYPE_MESSAGE"] = 3] = "TARGET_TYPE_MESSAGE";
-  FieldOptions_OptionTargetType2[FieldOptions_OptionTargetType2["TARGET_TYPE_FIELD"] = 4] = "TARGET_TYPE_FIELD";
-  FieldOptions_OptionTargetType2[FieldOptions_OptionTargetType2["TARGET_TYPE_ONEOF"] = 5] = "TARGET_TYPE_ONEOF";
-  FieldOptions_OptionTargetType2[FieldOptions_OptionTargetType2["TARGET_TYPE_ENUM"] = 6] = "TARGET_TYPE_ENUM";
-  FieldOptions_OptionTargetType2[FieldOptions_OptionTargetType2["TARGET_TYPE_ENUM_ENTRY"] = 7] = "TARGET_TYPE_ENUM_ENTRY";
-  FieldOptions_OptionTargetType2[FieldOptions_OptionTargetType2["TARGET_TYPE_SERVICE"] = 8] = "TARGET_TYPE_SERVICE";
-  FieldOptions_OptionTargetType2[FieldOptions_OptionTargetType2["TARGET_TYPE_METHOD"] = 9] = "TARGET_TYPE_METHOD";
-})(FieldOptions_OptionTargetType || (FieldOptions_OptionTargetType = {}));
-var MethodOptions_IdempotencyLevel;
-(function(MethodOptions_IdempotencyLevel2) {
-  MethodOptions_IdempotencyLevel2[MethodOptions_IdempotencyLevel2["IDEMPOTENCY_UNKNOWN"] = 0] = "IDEMPOTENCY_UNKNOWN";
-  MethodOptions_IdempotencyLevel2[MethodOptions_IdempotencyLevel2["NO_SIDE_EFFECTS"] = 1] = "NO_SIDE_EFFECTS";
-  MethodOptions_IdempotencyLevel2[MethodOptions_IdempotencyLevel2["IDEMPOTENT"] = 2] = "IDEMPOTENT";
-})(MethodOptions_IdempotencyLevel || (MethodOptions_IdempotencyLevel = {}));
-var FeatureSet_VisibilityFeature_DefaultSymbolVisibility;
-(function(FeatureSet_VisibilityFeature_DefaultSymbolVisibility2) {
-  FeatureSet_VisibilityFeature_DefaultSymbolVisibility2[FeatureSet_VisibilityFeature_DefaultSymbolVisibility2["DEFAULT_SYMBOL_VISIBILITY_UNKNOWN"] = 0] = "DEFAULT_SYMBOL_VISIBILITY_UNKNOWN";
-  FeatureSet_VisibilityFeature_DefaultSymbolVisibility2[FeatureSet_VisibilityFeature_DefaultSymbolVisibility2["EXPORT_ALL"] = 1] = "EXPORT_ALL";
-  FeatureSet_VisibilityFeature_DefaultSymbolVisibility2[FeatureSet_VisibilityFeature_DefaultSymbolVisibility2["EXPORT_TOP_LEVEL"] = 2] = "EXPORT_TOP_LEVEL";
-  FeatureSet_VisibilityFeature_DefaultSymbolVisibility2[FeatureSet_VisibilityFeature_DefaultSymbolVisibility2["LOCAL_ALL"] = 3] = "LOCAL_ALL";
-  FeatureSet_VisibilityFeature_DefaultSymbolVisibility2[FeatureSet_VisibilityFeature_DefaultSymbolVisibility2["STRICT"] = 4] = "STRICT";
-})(FeatureSet_VisibilityFeature_DefaultSymbolVisibility || (FeatureSet_VisibilityFeature_DefaultSymbolVisibility = {}));
-var FeatureSet_ProtoLimitsFeature_EnforceProtoLimits;
-(function(FeatureSet_ProtoLimitsFeature_EnforceProtoLimits2) {
-  FeatureSet_ProtoLimitsFeature_EnforceProtoLimits2[FeatureSet_ProtoLimitsFeature_EnforceProtoLimits2["PROTO_LIMITS_UNKNOWN"] = 0] = "PROTO_LIMITS_UNKNOWN";
-  FeatureSet_ProtoLimitsFeature_EnforceProtoLimits2[FeatureSet_ProtoLimitsFeature_EnforceProtoLimits2["LEGACY_NO_EXPLICIT_LIMITS"] = 1] = "LEGACY_NO_EXPLICIT_LIMITS";
-  FeatureSet_ProtoLimitsFeature_EnforceProtoLimits2[FeatureSet_ProtoLimitsFeature_EnforceProtoLimits2["PROTO_LIMITS2026"] = 2] = "PROTO_LIMITS2026";
-})(FeatureSet_ProtoLimitsFeature_EnforceProtoLimits || (FeatureSet_ProtoLimitsFeature_EnforceProtoLimits = {}));
-var FeatureSet_FieldPresence;
-(function(FeatureSet_FieldPresence2) {
-  FeatureSet_FieldPresence2[FeatureSet_FieldPresence2["FIELD_PRESENCE_UNKNOWN"] = 0] = "FIELD_PRESENCE_UNKNOWN";
-  FeatureSet_FieldPresence2[FeatureSet_FieldPresence2["EXPLICIT"] = 1] = "EXPLICIT";
-  FeatureSet_FieldPresence2[FeatureSet_FieldPresence2["IMPLICIT"] = 2] = "IMPLICIT";
-  FeatureSet_FieldPresence2[FeatureSet_FieldPresence2["LEGACY_REQUIRED"] = 3] = "LEGACY_REQUIRED";
-})(FeatureSet_FieldPresence || (FeatureSet_FieldPresence = {}));
-var FeatureSet_EnumType;
-(function(FeatureSet_EnumType2) {
-  FeatureSet_EnumType2[FeatureSet_EnumType2["ENUM_TYPE_UNKNOWN"] = 0] = "ENUM_TYPE_UNKNOWN";
-  FeatureSet_EnumType2[FeatureSet_EnumType2["OPEN"] = 1] = "OPEN";
-  FeatureSet_EnumType2[FeatureSet_EnumType2["CLOSED"] = 2] = "CLOSED";
-})(FeatureSet_EnumType || (FeatureSet_EnumType = {}));
-var FeatureSet_RepeatedFieldEncoding;
-(function(FeatureSet_RepeatedFieldEncoding2) {
-  FeatureSet_RepeatedFieldEncoding2[FeatureSet_RepeatedFieldEncoding2["REPEATED_FIELD_ENCODING_UNKNOWN"] = 0] = "REPEATED_FIELD_ENCODING_UNKNOWN";
-  FeatureSet_RepeatedFieldEncoding2[FeatureSet_RepeatedFieldEncoding2["PACKED"] = 1] = "PACKED";
-  FeatureSet_RepeatedFieldEncoding2[FeatureSet_RepeatedFieldEncoding2["EXPANDED"] = 2] = "EXPANDED";
-})(FeatureSet_RepeatedFieldEncoding || (FeatureSet_RepeatedFieldEncoding = {}));
-var FeatureSet_Utf8Validation;
-(function(FeatureSet_Utf8Validation2) {
-  FeatureSet_Utf8Validation2[FeatureSet_Utf8Validation2["UTF8_VALIDATION_UNKNOWN"] = 0] = "UTF8_VALIDATION_UNKNOWN";
-  FeatureSet_Utf8Validation2[FeatureSet_Utf8Validation2["VERIFY"] = 2] = "VERIFY";
-  FeatureSet_Utf8Validation2[FeatureSet_Utf8Validation2["NONE"] = 3] = "NONE";
-})(FeatureSet_Utf8Validation || (FeatureSet_Utf8Validation = {}));
-var FeatureSet_MessageEncoding;
-(function(FeatureSet_MessageEncoding2) {
-  FeatureSet_MessageEncoding2[FeatureSet_MessageEncoding2["MESSAGE_ENCODING_UNKNOWN"] = 0] = "MESSAGE_ENCODING_UNKNOWN";
-  FeatureSet_MessageEncoding2[FeatureSet_MessageEncoding2["LENGTH_PREFIXED"] = 1] = "LENGTH_PREFIXED";
-  FeatureSet_MessageEncoding2[FeatureSet_MessageEncoding2["DELIMITED"] = 2] = "DELIMITED";
-})(FeatureSet_MessageEncoding || (FeatureSet_MessageEncoding = {}));
-var FeatureSet_JsonFormat;
-(function(FeatureSet_JsonFormat2) {
-  FeatureSet_JsonFormat2[FeatureSet_JsonFormat2["JSON_FORMAT_UNKNOWN"] = 0] = "JSON_FORMAT_UNKNOWN";
-  FeatureSet_JsonFormat2[FeatureSet_JsonFormat2["ALLOW"] = 1] = "ALLOW";
-  FeatureSet_JsonFormat2[FeatureSet_JsonFormat2["LEGACY_BEST_EFFORT"] = 2] = "LEGACY_BEST_EFFORT";
-})(FeatureSet_JsonFormat || (FeatureSet_JsonFormat = {}));
-var FeatureSet_EnforceNamingStyle;
-(function(FeatureSet_EnforceNamingStyle2) {
-  FeatureSet_EnforceNamingStyle2[FeatureSet_EnforceNamingStyle2["ENFORCE_NAMING_STYLE_UNKNOWN"] = 0] = "ENFORCE_NAMING_STYLE_UNKNOWN";
-  FeatureSet_EnforceNamingStyle2[FeatureSet_EnforceNamingStyle2["STYLE2024"] = 1] = "STYLE2024";
-  FeatureSet_EnforceNamingStyle2[FeatureSet_EnforceNamingStyle2["STYLE_LEGACY"] = 2] = "STYLE_LEGACY";
-  FeatureSet_EnforceNamingStyle2[FeatureSet_EnforceNamingStyle2["STYLE2026"] = 3] = "STYLE2026";
-})(FeatureSet_EnforceNamingStyle || (FeatureSet_EnforceNamingStyle = {}));
-var GeneratedCodeInfo_Annotation_Semantic;
-(function(GeneratedCodeInfo_Annotation_Semantic2) {
-  GeneratedCodeInfo_Annotation_Semantic2[GeneratedCodeInfo_Annotation_Semantic2["NONE"] = 0] = "NONE";
-  GeneratedCodeInfo_Annotation_Semantic2[GeneratedCodeInfo_Annotation_Semantic2["SET"] = 1] = "SET";
-  GeneratedCodeInfo_Annotation_Semantic2[GeneratedCodeInfo_Annotation_Semantic2["ALIAS"] = 2] = "ALIAS";
-})(GeneratedCodeInfo_Annotation_Semantic || (GeneratedCodeInfo_Annotation_Semantic = {}));
-var Edition;
-(function(Edition2) {
-  Edition2[Edition2["EDITION_UNKNOWN"] = 0] = "EDITION_UNKNOWN";
-  Edition2[Edition2["EDITION_LEGACY"] = 900] = "EDITION_LEGACY";
-  Edition2[Edition2["EDITION_PROTO2"] = 998] = "EDITION_PROTO2";
-  Edition2[Edition2["EDITION_PROTO3"] = 999] = "EDITION_PROTO3";
-  Edition2[Edition2["EDITION_2023"] = 1e3] = "EDITION_2023";
-  Edition2[Edition2["EDITION_2024"] = 1001] = "EDITION_2024";
-  Edition2[Edition2["EDITION_2026"] = 1002] = "EDITION_2026";
-  Edition2[Edition2["EDITION_UNSTABLE"] = 9999] = "EDITION_UNSTABLE";
-  Edition2[Edition2["EDITION_1_TEST_ONLY"] = 1] = "EDITION_1_TEST_ONLY";
-  Edition2[Edition2["EDITION_2_TEST_ONLY"] = 2] = "EDITION_2_TEST_ONLY";
-  Edition2[Edition2["EDITION_99997_TEST_ONLY"] = 99997] = "EDITION_99997_TEST_ONLY";
-  Edition2[Edition2["EDITION_99998_TEST_ONLY"] = 99998] = "EDITION_99998_TEST_ONLY";
-  Edition2[Edition2["EDITION_99999_TEST_ONLY"] = 99999] = "EDITION_99999_TEST_ONLY";
-  Edition2[Edition2["EDITION_MAX"] = 2147483647] = "EDITION_MAX";
-})(Edition || (Edition = {}));
-var SymbolVisibility;
-(function(SymbolVisibility2) {
-  SymbolVisibility2[SymbolVisibility2["VISIBILITY_UNSET"] = 0] = "VISIBILITY_UNSET";
-  SymbolVisibility2[SymbolVisibility2["VISIBILITY_LOCAL"] = 1] = "VISIBILITY_LOCAL";
-  SymbolVisibility2[SymbolVisibility2["VISIBILITY_EXPORT"] = 2] = "VISIBILITY_EXPORT";
-})(SymbolVisibility || (SymbolVisibility = {}));
+function setFromBase64(bytes, base64Str) {
+  const table = getDecodeTable();
+  let bytePos = 0, groupPos = 0, b, p = 0;
+  for (let i = 0; i < base64Str.length; i++) {
+    b = table[base64Str.charCodeAt(i)];
+    if (b === void 0) {
+      switch (base64Str[i]) {
+        // @ts-ignore TS7029: Fallthrough case in switch -- ignore instead of expect-error for compiler settings without noFallthroughCasesInSwitch: true
+        case "=":
+          groupPos = 0;
+        // reset state when padding found
+        case "\n":
+        case "\r":
+        case "	":
+        case " ":
+          continue;
+        // skip white-space, and padding
+        default:
+          throw Error("invalid base64 string");
+      }
+    }
+    switch (groupPos) {
+      case 0:
+        p = b;
+        groupPos = 1;
+        break;
+      case 1:
+        bytes[bytePos++] = p << 2 | (b & 48) >> 4;
+        p = b;
+        groupPos = 2;
+        break;
+      case 2:
+        bytes[bytePos++] = (p & 15) << 4 | (b & 60) >> 2;
+        p = b;
+        groupPos = 3;
+        break;
+      case 3:
+        bytes[bytePos++] = (p & 3) << 6 | b;
+        groupPos = 0;
+        break;
+    }
+  }
+  if (groupPos == 1)
+    throw Error("invalid base64 string");
+  return bytePos;
+}
+var nativeToBase64 = Uint8Array.prototype.toBase64;
+var toBase64OptionsMap = {
+  std: { alphabet: "base64", omitPadding: false },
+  std_raw: { alphabet: "base64", omitPadding: true },
+  url: { alphabet: "base64url", omitPadding: true }
+};
+function base64Encode(bytes, encoding = "std") {
+  if (nativeToBase64) {
+    return nativeToBase64.call(bytes, toBase64OptionsMap[encoding]);
+  }
+  const table = getEncodeTable(encoding);
+  const pad = encoding == "std";
+  let base64 = "", groupPos = 0, b, p = 0;
+  for (let i = 0; i < bytes.length; i++) {
+    b = bytes[i];
+    switch (groupPos) {
+      case 0:
+        base64 += table[b >> 2];
+        p = (b & 3) << 4;
+        groupPos = 1;
+        break;
+      case 1:
+        base64 += table[p | b >> 4];
+        p = (b & 15) << 2;
+        groupPos = 2;
+        break;
+      case 2:
+        base64 += table[p | b >> 6];
+        base64 += table[b & 63];
+        groupPos = 0;
+        break;
+    }
+  }
+  if (groupPos) {
+    base64 += table[p];
+    if (pad) {
+      base64 += "=";
+      if (groupPos == 1)
+        base64 += "=";
+    }
+  }
+  return base64;
+}
+var encodeTableStd;
+var encodeTableUrl;
+var decodeTable;
+function getEncodeTable(encoding) {
+  if (!encodeTableStd) {
+    encodeTableStd = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/".split("");
+    encodeTableUrl = encodeTableStd.slice(0, -2).concat("-", "_");
+  }
+  return encoding == "url" ? (
+    // biome-ignore lint/style/noNonNullAssertion: TS fails to narrow down
+    encodeTableUrl
+  ) : encodeTableStd;
+}
+function getDecodeTable() {
+  if (!decodeTable) {
+    decodeTable = [];
+    const encodeTable = getEncodeTable("std");
+    for (let i = 0; i < encodeTable.length; i++)
+      decodeTable[encodeTable[i].charCodeAt(0)] = i;
+    decodeTable["-".charCodeAt(0)] = encodeTable.indexOf("+");
+    decodeTable["_".charCodeAt(0)] = encodeTable.indexOf("/");
+  }
+  return decodeTable;
+}
 
 // node_modules/@bufbuild/protobuf/dist/esm/reflect/error.js
 var errorNames = [
@@ -2890,363 +2719,6 @@ function wktValueToReflect(json) {
   return value;
 }
 
-// node_modules/@bufbuild/protobuf/dist/esm/from-binary.js
-function makeReadContext(options) {
-  return Object.assign(Object.assign({ readUnknownFields: true, recursionLimit: 100 }, options), { depth: 0 });
-}
-function fromBinary(schema, bytes, options) {
-  const message = create(schema);
-  compiledReader(schema).read(message, new BinaryReader(bytes), makeReadContext(options), bytes.byteLength);
-  return message;
-}
-var compiledReaders = /* @__PURE__ */ new WeakMap();
-function compiledReader(desc) {
-  let compiled = compiledReaders.get(desc);
-  if (compiled === void 0) {
-    compiled = compileMessage(desc);
-  }
-  return compiled;
-}
-function compileMessage(desc) {
-  const descString = String(desc);
-  const fieldReaders = /* @__PURE__ */ new Map();
-  const compiled = {
-    read: compileMessageReader(descString, fieldReaders),
-    readGroup: compileGroupReader(descString, fieldReaders)
-  };
-  compiledReaders.set(desc, compiled);
-  for (const field2 of desc.fields) {
-    fieldReaders.set(field2.number, compileFieldReader(field2));
-  }
-  return compiled;
-}
-function compileMessageReader(descString, fieldReaders) {
-  return (message, reader, ctx, length) => {
-    var _a;
-    if (++ctx.depth > ctx.recursionLimit) {
-      throw new Error(`cannot decode ${descString} from binary: maximum recursion depth of ${ctx.recursionLimit} reached`);
-    }
-    const end = reader.pos + length;
-    const unknownFields = (_a = message.$unknown) !== null && _a !== void 0 ? _a : [];
-    while (reader.pos < end) {
-      const [fieldNo, wireType] = reader.tag();
-      const fieldReader = fieldReaders.get(fieldNo);
-      if (fieldReader === void 0) {
-        const data = reader.skip(wireType, fieldNo, ctx.recursionLimit - ctx.depth);
-        if (ctx.readUnknownFields) {
-          unknownFields.push({ no: fieldNo, wireType, data });
-        }
-        continue;
-      }
-      fieldReader(message, reader, ctx, wireType);
-    }
-    if (unknownFields.length > 0) {
-      message.$unknown = unknownFields;
-    }
-    ctx.depth--;
-  };
-}
-function compileGroupReader(descString, fieldReaders) {
-  return (message, reader, ctx, fieldNo) => {
-    var _a;
-    if (++ctx.depth > ctx.recursionLimit) {
-      throw new Error(`cannot decode ${descString} from binary: maximum recursion depth of ${ctx.recursionLimit} reached`);
-    }
-    let recordFieldNo;
-    let wireType;
-    const unknownFields = (_a = message.$unknown) !== null && _a !== void 0 ? _a : [];
-    while (reader.pos < reader.len) {
-      [recordFieldNo, wireType] = reader.tag();
-      if (wireType == WireType.EndGroup) {
-        break;
-      }
-      const fieldReader = fieldReaders.get(recordFieldNo);
-      if (fieldReader === void 0) {
-        const data = reader.skip(wireType, recordFieldNo, ctx.recursionLimit - ctx.depth);
-        if (ctx.readUnknownFields) {
-          unknownFields.push({ no: recordFieldNo, wireType, data });
-        }
-        continue;
-      }
-      fieldReader(message, reader, ctx, wireType);
-    }
-    if (wireType != WireType.EndGroup || recordFieldNo !== fieldNo) {
-      throw new Error("invalid end group tag");
-    }
-    if (unknownFields.length > 0) {
-      message.$unknown = unknownFields;
-    }
-    ctx.depth--;
-  };
-}
-function readField(message, reader, field2, wireType, ctx) {
-  compileFieldReader(field2)(message[unsafeLocal], reader, ctx, wireType);
-}
-function compileFieldReader(field2) {
-  switch (field2.fieldKind) {
-    case "scalar":
-      return compileScalarFieldReader(field2);
-    case "enum":
-      return compileEnumFieldReader(field2);
-    case "message":
-      return compileMessageFieldReader(field2);
-    case "list":
-      return compileListFieldReader(field2);
-    case "map":
-      return compileMapFieldReader(field2);
-  }
-}
-function compileScalarFieldReader(field2) {
-  const readScalar = compileScalarReader(field2.scalar, field2.utf8Validation, field2.longAsString);
-  const localName = field2.localName;
-  if (field2.oneof) {
-    const oneofLocalName = field2.oneof.localName;
-    return (message, reader) => {
-      message[oneofLocalName] = {
-        case: localName,
-        value: readScalar(reader)
-      };
-    };
-  }
-  return (message, reader) => {
-    message[localName] = readScalar(reader);
-  };
-}
-function compileEnumFieldReader(field2) {
-  var _a;
-  const localName = field2.localName;
-  const oneofLocalName = (_a = field2.oneof) === null || _a === void 0 ? void 0 : _a.localName;
-  if (field2.enum.open) {
-    if (oneofLocalName !== void 0) {
-      return (message, reader) => {
-        message[oneofLocalName] = { case: localName, value: reader.int32() };
-      };
-    }
-    return (message, reader) => {
-      message[localName] = reader.int32();
-    };
-  }
-  const values = field2.enum.values;
-  const fieldNo = field2.number;
-  return (message, reader, ctx, wireType) => {
-    var _a2;
-    const val = reader.int32();
-    if (values.some((v) => v.number === val)) {
-      if (oneofLocalName !== void 0) {
-        message[oneofLocalName] = { case: localName, value: val };
-      } else {
-        message[localName] = val;
-      }
-    } else if (ctx.readUnknownFields) {
-      const bytes = [];
-      varint32write(val, bytes);
-      const unknownFields = (_a2 = message.$unknown) !== null && _a2 !== void 0 ? _a2 : [];
-      unknownFields.push({
-        no: fieldNo,
-        wireType,
-        data: new Uint8Array(bytes)
-      });
-      message.$unknown = unknownFields;
-    }
-  };
-}
-function compileMessageFieldReader(field2) {
-  const localName = field2.localName;
-  const { toMessage, toLocal } = localMessageMapper(field2);
-  const readChild = compileChildReader(field2);
-  if (field2.oneof) {
-    const oneofLocalName = field2.oneof.localName;
-    return (message, reader, ctx) => {
-      const oneof = message[oneofLocalName];
-      const child = toMessage(oneof.case === localName ? oneof.value : void 0);
-      readChild(child, reader, ctx);
-      message[oneofLocalName] = { case: localName, value: toLocal(child) };
-    };
-  }
-  return (message, reader, ctx) => {
-    const child = toMessage(message[localName]);
-    readChild(child, reader, ctx);
-    message[localName] = toLocal(child);
-  };
-}
-function compileChildReader(field2) {
-  const compiledChild = compiledReader(field2.message);
-  if (field2.delimitedEncoding) {
-    const fieldNo = field2.number;
-    return (child, reader, ctx) => compiledChild.readGroup(child, reader, ctx, fieldNo);
-  }
-  return (child, reader, ctx) => compiledChild.read(child, reader, ctx, reader.uint32());
-}
-function compileListFieldReader(field2) {
-  const localName = field2.localName;
-  if (field2.listKind == "message") {
-    const { toMessage, toLocal } = localMessageMapper(field2);
-    const readChild = compileChildReader(field2);
-    return (message, reader, ctx) => {
-      const child = toMessage(void 0);
-      readChild(child, reader, ctx);
-      message[localName].push(toLocal(child));
-    };
-  }
-  const scalarType = field2.listKind == "enum" ? ScalarType.INT32 : field2.scalar;
-  const longAsString = field2.listKind == "scalar" ? field2.longAsString : false;
-  const readScalar = compileScalarReader(scalarType, field2.utf8Validation, longAsString);
-  const packedPossible = scalarType != ScalarType.STRING && scalarType != ScalarType.BYTES;
-  return (message, reader, ctx, wireType) => {
-    const items = message[localName];
-    if (wireType == WireType.LengthDelimited && packedPossible) {
-      const end = reader.uint32() + reader.pos;
-      while (reader.pos < end) {
-        items.push(readScalar(reader));
-      }
-    } else {
-      items.push(readScalar(reader));
-    }
-  };
-}
-function compileMapFieldReader(field2) {
-  const localName = field2.localName;
-  const readKey = compileScalarReader(field2.mapKey, field2.utf8Validation, false);
-  const keyZero = scalarZeroValue(field2.mapKey, false);
-  let readValue;
-  let valueDefault;
-  switch (field2.mapKind) {
-    case "scalar": {
-      const scalar = field2.scalar;
-      const readScalar = compileScalarReader(scalar, field2.utf8Validation, false);
-      readValue = (reader) => readScalar(reader);
-      if (scalar == ScalarType.BYTES) {
-        valueDefault = () => new Uint8Array(0);
-      } else {
-        const zero = scalarZeroValue(scalar, false);
-        valueDefault = () => zero;
-      }
-      break;
-    }
-    case "enum": {
-      const zero = field2.enum.values[0].number;
-      readValue = (reader) => reader.int32();
-      valueDefault = () => zero;
-      break;
-    }
-    case "message": {
-      const { toMessage, toLocal } = localMessageMapper(field2);
-      const readChild = compiledReader(field2.message).read;
-      readValue = (reader, ctx, existing) => {
-        const child = toMessage(existing);
-        readChild(child, reader, ctx, reader.uint32());
-        return toLocal(child);
-      };
-      valueDefault = () => toLocal(toMessage(void 0));
-      break;
-    }
-  }
-  return (message, reader, ctx) => {
-    const record = message[localName];
-    let key;
-    let val;
-    const len = reader.uint32();
-    const end = reader.pos + len;
-    while (reader.pos < end) {
-      const [fieldNo, wireType] = reader.tag();
-      switch (fieldNo) {
-        case 1:
-          key = readKey(reader);
-          break;
-        case 2:
-          val = readValue(reader, ctx, val);
-          break;
-        default:
-          reader.skip(wireType, fieldNo, ctx.recursionLimit - ctx.depth);
-      }
-    }
-    if (key === void 0) {
-      key = keyZero;
-    }
-    if (val === void 0) {
-      val = valueDefault();
-    }
-    setOwn(record, key, val);
-  };
-}
-function compileScalarReader(type, utf8Validation, longAsString) {
-  switch (type) {
-    case ScalarType.STRING:
-      return (reader) => reader.string(utf8Validation);
-    case ScalarType.BOOL:
-      return (reader) => reader.bool();
-    case ScalarType.DOUBLE:
-      return (reader) => reader.double();
-    case ScalarType.FLOAT:
-      return (reader) => reader.float();
-    case ScalarType.INT32:
-      return (reader) => reader.int32();
-    case ScalarType.INT64:
-      if (longAsString) {
-        return (reader) => String(reader.int64());
-      }
-      return (reader) => reader.int64();
-    case ScalarType.UINT64:
-      if (longAsString) {
-        return (reader) => String(reader.uint64());
-      }
-      return (reader) => reader.uint64();
-    case ScalarType.FIXED64:
-      if (longAsString) {
-        return (reader) => String(reader.fixed64());
-      }
-      return (reader) => reader.fixed64();
-    case ScalarType.BYTES:
-      return (reader) => reader.bytes();
-    case ScalarType.FIXED32:
-      return (reader) => reader.fixed32();
-    case ScalarType.SFIXED32:
-      return (reader) => reader.sfixed32();
-    case ScalarType.SFIXED64:
-      if (longAsString) {
-        return (reader) => String(reader.sfixed64());
-      }
-      return (reader) => reader.sfixed64();
-    case ScalarType.SINT64:
-      if (longAsString) {
-        return (reader) => String(reader.sint64());
-      }
-      return (reader) => reader.sint64();
-    case ScalarType.UINT32:
-      return (reader) => reader.uint32();
-    case ScalarType.SINT32:
-      return (reader) => reader.sint32();
-  }
-}
-
-// node_modules/@bufbuild/protobuf/dist/esm/codegenv2/file.js
-function fileDesc(b64, imports) {
-  var _a;
-  const root = fromBinary(FileDescriptorProtoSchema, base64Decode(b64));
-  root.messageType.forEach(restoreJsonNames);
-  root.dependency = (_a = imports === null || imports === void 0 ? void 0 : imports.map((f) => f.proto.name)) !== null && _a !== void 0 ? _a : [];
-  const reg = createEmbeddedFileRegistry(root, (protoFileName) => imports === null || imports === void 0 ? void 0 : imports.find((f) => f.proto.name === protoFileName));
-  return reg.getFile(root.name);
-}
-
-// node_modules/@bufbuild/protobuf/dist/esm/wkt/google/protobuf/timestamp_pb.js
-var file_google_protobuf_timestamp = /* @__PURE__ */ fileDesc("Ch9nb29nbGUvcHJvdG9idWYvdGltZXN0YW1wLnByb3RvEg9nb29nbGUucHJvdG9idWYiKwoJVGltZXN0YW1wEg8KB3NlY29uZHMYASABKAMSDQoFbmFub3MYAiABKAVChQEKE2NvbS5nb29nbGUucHJvdG9idWZCDlRpbWVzdGFtcFByb3RvUAFaMmdvb2dsZS5nb2xhbmcub3JnL3Byb3RvYnVmL3R5cGVzL2tub3duL3RpbWVzdGFtcHBi+AEBogIDR1BCqgIeR29vZ2xlLlByb3RvYnVmLldlbGxLbm93blR5cGVzYgZwcm90bzM");
-
-// node_modules/@bufbuild/protobuf/dist/esm/wkt/timestamp.js
-function timestampDate(timestamp) {
-  return new Date(timestampMs(timestamp));
-}
-function timestampMs(timestamp) {
-  return Number(timestamp.seconds) * 1e3 + Math.round(timestamp.nanos / 1e6);
-}
-
-// node_modules/@bufbuild/protobuf/dist/esm/wkt/google/protobuf/duration_pb.js
-var file_google_protobuf_duration = /* @__PURE__ */ fileDesc("Ch5nb29nbGUvcHJvdG9idWYvZHVyYXRpb24ucHJvdG8SD2dvb2dsZS5wcm90b2J1ZiIqCghEdXJhdGlvbhIPCgdzZWNvbmRzGAEgASgDEg0KBW5hbm9zGAIgASgFQoMBChNjb20uZ29vZ2xlLnByb3RvYnVmQg1EdXJhdGlvblByb3RvUAFaMWdvb2dsZS5nb2xhbmcub3JnL3Byb3RvYnVmL3R5cGVzL2tub3duL2R1cmF0aW9ucGL4AQGiAgNHUEKqAh5Hb29nbGUuUHJvdG9idWYuV2VsbEtub3duVHlwZXNiBnByb3RvMw");
-
-// node_modules/@bufbuild/protobuf/dist/esm/wkt/google/protobuf/any_pb.js
-var file_google_protobuf_any = /* @__PURE__ */ fileDesc("Chlnb29nbGUvcHJvdG9idWYvYW55LnByb3RvEg9nb29nbGUucHJvdG9idWYiJgoDQW55EhAKCHR5cGVfdXJsGAEgASgJEg0KBXZhbHVlGAIgASgMQnYKE2NvbS5nb29nbGUucHJvdG9idWZCCEFueVByb3RvUAFaLGdvb2dsZS5nb2xhbmcub3JnL3Byb3RvYnVmL3R5cGVzL2tub3duL2FueXBiogIDR1BCqgIeR29vZ2xlLlByb3RvYnVmLldlbGxLbm93blR5cGVzYgZwcm90bzM");
-var AnySchema = /* @__PURE__ */ messageDesc(file_google_protobuf_any, 0);
-
 // node_modules/@bufbuild/protobuf/dist/esm/to-binary.js
 var IMPLICIT4 = 2;
 var LEGACY_REQUIRED2 = 3;
@@ -3265,11 +2737,11 @@ var compiledWriters = /* @__PURE__ */ new WeakMap();
 function compiledWriter(desc) {
   let compiled = compiledWriters.get(desc);
   if (compiled === void 0) {
-    compiled = compileMessage2(desc);
+    compiled = compileMessage(desc);
   }
   return compiled;
 }
-function compileMessage2(desc) {
+function compileMessage(desc) {
   const typeName = desc.typeName;
   const sortedFields = desc.fields.concat().sort((a, b) => a.number - b.number);
   const foreignField = sortedFields[0];
@@ -3453,11 +2925,11 @@ function compileMapField(field2) {
       const record = message[localName];
       const keys = Object.keys(record);
       for (let i = 0; i < keys.length; i++) {
-        const key = keys[i];
+        const key2 = keys[i];
         writer.tag(fieldNo, WireType.LengthDelimited).fork();
-        writeKey(writer, key);
+        writeKey(writer, key2);
         writer.tag(2, WireType.LengthDelimited).fork();
-        writeMessage(writer, opts, toMessage(record[key]));
+        writeMessage(writer, opts, toMessage(record[key2]));
         writer.join();
         writer.join();
       }
@@ -3470,11 +2942,11 @@ function compileMapField(field2) {
     const record = message[localName];
     const keys = Object.keys(record);
     for (let i = 0; i < keys.length; i++) {
-      const key = keys[i];
+      const key2 = keys[i];
       writer.tag(fieldNo, WireType.LengthDelimited).fork();
-      writeKey(writer, key);
+      writeKey(writer, key2);
       writer.tag(2, valueWireType);
-      writeScalar(writer, record[key]);
+      writeScalar(writer, record[key2]);
       writer.join();
     }
   };
@@ -3483,40 +2955,40 @@ function compileMapKey(field2) {
   const wireType = writeTypeOfScalar(field2.mapKey);
   const writeScalar = compileScalarValue(field2.mapKey, field2.parent.typeName, field2.name);
   const convertKey = compileMapKeyConverter(field2.mapKey);
-  return (writer, key) => {
+  return (writer, key2) => {
     writer.tag(1, wireType);
-    writeScalar(writer, convertKey(key));
+    writeScalar(writer, convertKey(key2));
   };
 }
 function compileMapKeyConverter(type) {
   switch (type) {
     case ScalarType.STRING:
-      return (key) => key;
+      return (key2) => key2;
     case ScalarType.BOOL:
-      return (key) => key === "true" ? true : key === "false" ? false : key;
+      return (key2) => key2 === "true" ? true : key2 === "false" ? false : key2;
     case ScalarType.UINT64:
     case ScalarType.FIXED64:
-      return (key) => {
+      return (key2) => {
         try {
-          return protoInt64.uParse(key);
+          return protoInt64.uParse(key2);
         } catch (_a) {
-          return key;
+          return key2;
         }
       };
     case ScalarType.INT64:
     case ScalarType.SFIXED64:
     case ScalarType.SINT64:
-      return (key) => {
+      return (key2) => {
         try {
-          return protoInt64.parse(key);
+          return protoInt64.parse(key2);
         } catch (_a) {
-          return key;
+          return key2;
         }
       };
     default:
-      return (key) => {
-        const n = Number.parseInt(key);
-        return Number.isFinite(n) ? n : key;
+      return (key2) => {
+        const n = Number.parseInt(key2);
+        return Number.isFinite(n) ? n : key2;
       };
   }
 }
@@ -3604,66 +3076,6 @@ function writeTypeOfScalar(type) {
   }
 }
 
-// node_modules/@bufbuild/protobuf/dist/esm/wkt/any.js
-function anyPack(schema, message, into) {
-  let ret = false;
-  if (!into) {
-    into = create(AnySchema);
-    ret = true;
-  }
-  into.value = toBinary(schema, message);
-  into.typeUrl = typeNameToUrl(message.$typeName);
-  return ret ? into : void 0;
-}
-function anyIs(any, descOrTypeName) {
-  if (any.typeUrl === "") {
-    return false;
-  }
-  const want = typeof descOrTypeName == "string" ? descOrTypeName : descOrTypeName.typeName;
-  const got = typeUrlToName(any.typeUrl);
-  return want === got;
-}
-function anyUnpack(any, registryOrMessageDesc) {
-  if (any.typeUrl === "") {
-    return void 0;
-  }
-  const desc = registryOrMessageDesc.kind == "message" ? registryOrMessageDesc : registryOrMessageDesc.getMessage(typeUrlToName(any.typeUrl));
-  if (!desc || !anyIs(any, desc)) {
-    return void 0;
-  }
-  return fromBinary(desc, any.value);
-}
-function typeNameToUrl(name) {
-  return `type.googleapis.com/${name}`;
-}
-function typeUrlToName(url) {
-  const slash = url.lastIndexOf("/");
-  const name = slash >= 0 ? url.substring(slash + 1) : url;
-  if (!name.length) {
-    throw new Error(`invalid type url: ${url}`);
-  }
-  return name;
-}
-
-// node_modules/@bufbuild/protobuf/dist/esm/codegenv2/extension.js
-function extDesc(file, path, ...paths) {
-  if (paths.length == 0) {
-    return file.extensions[path];
-  }
-  const e = paths.pop();
-  return paths.reduce((acc, cur) => acc.nestedMessages[cur], file.messages[path]).nestedExtensions[e];
-}
-
-// node_modules/@bufbuild/protobuf/dist/esm/wkt/google/protobuf/struct_pb.js
-var file_google_protobuf_struct = /* @__PURE__ */ fileDesc("Chxnb29nbGUvcHJvdG9idWYvc3RydWN0LnByb3RvEg9nb29nbGUucHJvdG9idWYihAEKBlN0cnVjdBIzCgZmaWVsZHMYASADKAsyIy5nb29nbGUucHJvdG9idWYuU3RydWN0LkZpZWxkc0VudHJ5GkUKC0ZpZWxkc0VudHJ5EgsKA2tleRgBIAEoCRIlCgV2YWx1ZRgCIAEoCzIWLmdvb2dsZS5wcm90b2J1Zi5WYWx1ZToCOAEi6gEKBVZhbHVlEjAKCm51bGxfdmFsdWUYASABKA4yGi5nb29nbGUucHJvdG9idWYuTnVsbFZhbHVlSAASFgoMbnVtYmVyX3ZhbHVlGAIgASgBSAASFgoMc3RyaW5nX3ZhbHVlGAMgASgJSAASFAoKYm9vbF92YWx1ZRgEIAEoCEgAEi8KDHN0cnVjdF92YWx1ZRgFIAEoCzIXLmdvb2dsZS5wcm90b2J1Zi5TdHJ1Y3RIABIwCgpsaXN0X3ZhbHVlGAYgASgLMhouZ29vZ2xlLnByb3RvYnVmLkxpc3RWYWx1ZUgAQgYKBGtpbmQiMwoJTGlzdFZhbHVlEiYKBnZhbHVlcxgBIAMoCzIWLmdvb2dsZS5wcm90b2J1Zi5WYWx1ZSobCglOdWxsVmFsdWUSDgoKTlVMTF9WQUxVRRAAQn8KE2NvbS5nb29nbGUucHJvdG9idWZCC1N0cnVjdFByb3RvUAFaL2dvb2dsZS5nb2xhbmcub3JnL3Byb3RvYnVmL3R5cGVzL2tub3duL3N0cnVjdHBi+AEBogIDR1BCqgIeR29vZ2xlLlByb3RvYnVmLldlbGxLbm93blR5cGVzYgZwcm90bzM");
-var StructSchema = /* @__PURE__ */ messageDesc(file_google_protobuf_struct, 0);
-var ValueSchema = /* @__PURE__ */ messageDesc(file_google_protobuf_struct, 1);
-var ListValueSchema = /* @__PURE__ */ messageDesc(file_google_protobuf_struct, 2);
-var NullValue;
-(function(NullValue2) {
-  NullValue2[NullValue2["NULL_VALUE"] = 0] = "NULL_VALUE";
-})(NullValue || (NullValue = {}));
-
 // node_modules/@bufbuild/protobuf/dist/esm/reflect/reflect-check.js
 function checkField(field2, value) {
   const check = field2.fieldKind == "list" ? isReflectList(value, field2) : field2.fieldKind == "map" ? isReflectMap(value, field2) : checkSingular(field2, value);
@@ -3691,14 +3103,14 @@ function checkListItem(field2, index, value) {
   }
   return void 0;
 }
-function checkMapEntry(field2, key, value) {
-  const checkKey = checkScalarValue(field2.mapKey)(key);
+function checkMapEntry(field2, key2, value) {
+  const checkKey = checkScalarValue(field2.mapKey)(key2);
   if (checkKey !== true) {
-    return new FieldError(field2, `invalid map key: ${reasonSingular({ scalar: field2.mapKey }, key, checkKey)}`);
+    return new FieldError(field2, `invalid map key: ${reasonSingular({ scalar: field2.mapKey }, key2, checkKey)}`);
   }
   const checkVal = checkSingular(field2, value);
   if (checkVal !== true) {
-    return new FieldError(field2, `map entry ${formatVal(key)}: ${reasonSingular(field2, value, checkVal)}`);
+    return new FieldError(field2, `map entry ${formatVal(key2)}: ${reasonSingular(field2, value, checkVal)}`);
   }
   return void 0;
 }
@@ -4062,18 +3474,18 @@ var ReflectMapImpl = class {
   field() {
     return this._field;
   }
-  set(key, value) {
+  set(key2, value) {
     if (this.check) {
-      const err = checkMapEntry(this._field, key, value);
+      const err = checkMapEntry(this._field, key2, value);
       if (err) {
         throw err;
       }
     }
-    setOwn(this.obj, mapKeyToLocal(key), mapValueToLocal(this._field, value));
+    setOwn(this.obj, mapKeyToLocal(key2), mapValueToLocal(this._field, value));
     return this;
   }
-  delete(key) {
-    const k = mapKeyToLocal(key);
+  delete(key2) {
+    const k = mapKeyToLocal(key2);
     const has = Object.prototype.hasOwnProperty.call(this.obj, k);
     if (has) {
       delete this.obj[k];
@@ -4081,19 +3493,19 @@ var ReflectMapImpl = class {
     return has;
   }
   clear() {
-    for (const key of Object.keys(this.obj)) {
-      delete this.obj[key];
+    for (const key2 of Object.keys(this.obj)) {
+      delete this.obj[key2];
     }
   }
-  get(key) {
-    let val = getOwn(this.obj, mapKeyToLocal(key));
+  get(key2) {
+    let val = getOwn(this.obj, mapKeyToLocal(key2));
     if (val !== void 0) {
       val = mapValueToReflect(this._field, val, this.check);
     }
     return val;
   }
-  has(key) {
-    return Object.prototype.hasOwnProperty.call(this.obj, mapKeyToLocal(key));
+  has(key2) {
+    return Object.prototype.hasOwnProperty.call(this.obj, mapKeyToLocal(key2));
   }
   *keys() {
     for (const objKey of Object.keys(this.obj)) {
@@ -4174,26 +3586,26 @@ function mapValueToReflect(field2, value, check) {
   }
   return value;
 }
-function mapKeyToLocal(key) {
-  return typeof key == "string" || typeof key == "number" ? key : String(key);
+function mapKeyToLocal(key2) {
+  return typeof key2 == "string" || typeof key2 == "number" ? key2 : String(key2);
 }
-function mapKeyToReflect(key, type) {
+function mapKeyToReflect(key2, type) {
   switch (type) {
     case ScalarType.STRING:
-      return key;
+      return key2;
     case ScalarType.INT32:
     case ScalarType.FIXED32:
     case ScalarType.UINT32:
     case ScalarType.SFIXED32:
     case ScalarType.SINT32: {
-      const n = Number.parseInt(key);
+      const n = Number.parseInt(key2);
       if (Number.isFinite(n)) {
         return n;
       }
       break;
     }
     case ScalarType.BOOL:
-      switch (key) {
+      switch (key2) {
         case "true":
           return true;
         case "false":
@@ -4203,18 +3615,18 @@ function mapKeyToReflect(key, type) {
     case ScalarType.UINT64:
     case ScalarType.FIXED64:
       try {
-        return protoInt64.uParse(key);
+        return protoInt64.uParse(key2);
       } catch (_a) {
       }
       break;
     default:
       try {
-        return protoInt64.parse(key);
+        return protoInt64.parse(key2);
       } catch (_b) {
       }
       break;
   }
-  return key;
+  return key2;
 }
 function longToReflect(field2, value) {
   switch (field2.scalar) {
@@ -4255,6 +3667,525 @@ function longToLocal(field2, value) {
       break;
   }
   return value;
+}
+
+// node_modules/@bufbuild/protobuf/dist/esm/codegenv2/message.js
+function messageDesc(file, path, ...paths) {
+  return paths.reduce((acc, cur) => acc.nestedMessages[cur], file.messages[path]);
+}
+
+// node_modules/@bufbuild/protobuf/dist/esm/wkt/google/protobuf/descriptor_pb.js
+var file_google_protobuf_descriptor = /* @__PURE__ */ boot({ "name": "google/protobuf/descriptor.proto", "package": "google.protobuf", "messageType": [{ "name": "FileDescriptorSet", "field": [{ "name": "file", "number": 1, "type": 11, "label": 3, "typeName": ".google.protobuf.FileDescriptorProto" }], "extensionRange": [{ "start": 536e6, "end": 536000001 }] }, { "name": "FileDescriptorProto", "field": [{ "name": "name", "number": 1, "type": 9, "label": 1 }, { "name": "package", "number": 2, "type": 9, "label": 1 }, { "name": "dependency", "number": 3, "type": 9, "label": 3 }, { "name": "public_dependency", "number": 10, "type": 5, "label": 3 }, { "name": "weak_dependency", "number": 11, "type": 5, "label": 3 }, { "name": "option_dependency", "number": 15, "type": 9, "label": 3 }, { "name": "message_type", "number": 4, "type": 11, "label": 3, "typeName": ".google.protobuf.DescriptorProto" }, { "name": "enum_type", "number": 5, "type": 11, "label": 3, "typeName": ".google.protobuf.EnumDescriptorProto" }, { "name": "service", "number": 6, "type": 11, "label": 3, "typeName": ".google.protobuf.ServiceDescriptorProto" }, { "name": "extension", "number": 7, "type": 11, "label": 3, "typeName": ".google.protobuf.FieldDescriptorProto" }, { "name": "options", "number": 8, "type": 11, "label": 1, "typeName": ".google.protobuf.FileOptions" }, { "name": "source_code_info", "number": 9, "type": 11, "label": 1, "typeName": ".google.protobuf.SourceCodeInfo" }, { "name": "syntax", "number": 12, "type": 9, "label": 1 }, { "name": "edition", "number": 14, "type": 14, "label": 1, "typeName": ".google.protobuf.Edition" }] }, { "name": "DescriptorProto", "field": [{ "name": "name", "number": 1, "type": 9, "label": 1 }, { "name": "field", "number": 2, "type": 11, "label": 3, "typeName": ".google.protobuf.FieldDescriptorProto" }, { "name": "extension", "number": 6, "type": 11, "label": 3, "typeName": ".google.protobuf.FieldDescriptorProto" }, { "name": "nested_type", "number": 3, "type": 11, "label": 3, "typeName": ".google.protobuf.DescriptorProto" }, { "name": "enum_type", "number": 4, "type": 11, "label": 3, "typeName": ".google.protobuf.EnumDescriptorProto" }, { "name": "extension_range", "number": 5, "type": 11, "label": 3, "typeName": ".google.protobuf.DescriptorProto.ExtensionRange" }, { "name": "oneof_decl", "number": 8, "type": 11, "label": 3, "typeName": ".google.protobuf.OneofDescriptorProto" }, { "name": "options", "number": 7, "type": 11, "label": 1, "typeName": ".google.protobuf.MessageOptions" }, { "name": "reserved_range", "number": 9, "type": 11, "label": 3, "typeName": ".google.protobuf.DescriptorProto.ReservedRange" }, { "name": "reserved_name", "number": 10, "type": 9, "label": 3 }, { "name": "visibility", "number": 11, "type": 14, "label": 1, "typeName": ".google.protobuf.SymbolVisibility" }], "nestedType": [{ "name": "ExtensionRange", "field": [{ "name": "start", "number": 1, "type": 5, "label": 1 }, { "name": "end", "number": 2, "type": 5, "label": 1 }, { "name": "options", "number": 3, "type": 11, "label": 1, "typeName": ".google.protobuf.ExtensionRangeOptions" }] }, { "name": "ReservedRange", "field": [{ "name": "start", "number": 1, "type": 5, "label": 1 }, { "name": "end", "number": 2, "type": 5, "label": 1 }] }] }, { "name": "ExtensionRangeOptions", "field": [{ "name": "uninterpreted_option", "number": 999, "type": 11, "label": 3, "typeName": ".google.protobuf.UninterpretedOption" }, { "name": "declaration", "number": 2, "type": 11, "label": 3, "typeName": ".google.protobuf.ExtensionRangeOptions.Declaration", "options": { "retention": 2 } }, { "name": "features", "number": 50, "type": 11, "label": 1, "typeName": ".google.protobuf.FeatureSet" }, { "name": "verification", "number": 3, "type": 14, "label": 1, "typeName": ".google.protobuf.ExtensionRangeOptions.VerificationState", "defaultValue": "UNVERIFIED", "options": { "retention": 2 } }], "nestedType": [{ "name": "Declaration", "field": [{ "name": "number", "number": 1, "type": 5, "label": 1 }, { "name": "full_name", "number": 2, "type": 9, "label": 1 }, { "name": "type", "number": 3, "type": 9, "label": 1 }, { "name": "reserved", "number": 5, "type": 8, "label": 1 }, { "name": "repeated", "number": 6, "type": 8, "label": 1 }] }], "enumType": [{ "name": "VerificationState", "value": [{ "name": "DECLARATION", "number": 0 }, { "name": "UNVERIFIED", "number": 1 }] }], "extensionRange": [{ "start": 990, "end": 999 }, { "start": 1e3, "end": 536870912 }] }, { "name": "FieldDescriptorProto", "field": [{ "name": "name", "number": 1, "type": 9, "label": 1 }, { "name": "number", "number": 3, "type": 5, "label": 1 }, { "name": "label", "number": 4, "type": 14, "label": 1, "typeName": ".google.protobuf.FieldDescriptorProto.Label" }, { "name": "type", "number": 5, "type": 14, "label": 1, "typeName": ".google.protobuf.FieldDescriptorProto.Type" }, { "name": "type_name", "number": 6, "type": 9, "label": 1 }, { "name": "extendee", "number": 2, "type": 9, "label": 1 }, { "name": "default_value", "number": 7, "type": 9, "label": 1 }, { "name": "oneof_index", "number": 9, "type": 5, "label": 1 }, { "name": "json_name", "number": 10, "type": 9, "label": 1 }, { "name": "options", "number": 8, "type": 11, "label": 1, "typeName": ".google.protobuf.FieldOptions" }, { "name": "proto3_optional", "number": 17, "type": 8, "label": 1 }], "enumType": [{ "name": "Type", "value": [{ "name": "TYPE_DOUBLE", "number": 1 }, { "name": "TYPE_FLOAT", "number": 2 }, { "name": "TYPE_INT64", "number": 3 }, { "name": "TYPE_UINT64", "number": 4 }, { "name": "TYPE_INT32", "number": 5 }, { "name": "TYPE_FIXED64", "number": 6 }, { "name": "TYPE_FIXED32", "number": 7 }, { "name": "TYPE_BOOL", "number": 8 }, { "name": "TYPE_STRING", "number": 9 }, { "name": "TYPE_GROUP", "number": 10 }, { "name": "TYPE_MESSAGE", "number": 11 }, { "name": "TYPE_BYTES", "number": 12 }, { "name": "TYPE_UINT32", "number": 13 }, { "name": "TYPE_ENUM", "number": 14 }, { "name": "TYPE_SFIXED32", "number": 15 }, { "name": "TYPE_SFIXED64", "number": 16 }, { "name": "TYPE_SINT32", "number": 17 }, { "name": "TYPE_SINT64", "number": 18 }] }, { "name": "Label", "value": [{ "name": "LABEL_OPTIONAL", "number": 1 }, { "name": "LABEL_REPEATED", "number": 3 }, { "name": "LABEL_REQUIRED", "number": 2 }] }] }, { "name": "OneofDescriptorProto", "field": [{ "name": "name", "number": 1, "type": 9, "label": 1 }, { "name": "options", "number": 2, "type": 11, "label": 1, "typeName": ".google.protobuf.OneofOptions" }] }, { "name": "EnumDescriptorProto", "field": [{ "name": "name", "number": 1, "type": 9, "label": 1 }, { "name": "value", "number": 2, "type": 11, "label": 3, "typeName": ".google.protobuf.EnumValueDescriptorProto" }, { "name": "options", "number": 3, "type": 11, "label": 1, "typeName": ".google.protobuf.EnumOptions" }, { "name": "reserved_range", "number": 4, "type": 11, "label": 3, "typeName": ".google.protobuf.EnumDescriptorProto.EnumReservedRange" }, { "name": "reserved_name", "number": 5, "type": 9, "label": 3 }, { "name": "visibility", "number": 6, "type": 14, "label": 1, "typeName": ".google.protobuf.SymbolVisibility" }], "nestedType": [{ "name": "EnumReservedRange", "field": [{ "name": "start", "number": 1, "type": 5, "label": 1 }, { "name": "end", "number": 2, "type": 5, "label": 1 }] }] }, { "name": "EnumValueDescriptorProto", "field": [{ "name": "name", "number": 1, "type": 9, "label": 1 }, { "name": "number", "number": 2, "type": 5, "label": 1 }, { "name": "options", "number": 3, "type": 11, "label": 1, "typeName": ".google.protobuf.EnumValueOptions" }] }, { "name": "ServiceDescriptorProto", "field": [{ "name": "name", "number": 1, "type": 9, "label": 1 }, { "name": "method", "number": 2, "type": 11, "label": 3, "typeName": ".google.protobuf.MethodDescriptorProto" }, { "name": "options", "number": 3, "type": 11, "label": 1, "typeName": ".google.protobuf.ServiceOptions" }] }, { "name": "MethodDescriptorProto", "field": [{ "name": "name", "number": 1, "type": 9, "label": 1 }, { "name": "input_type", "number": 2, "type": 9, "label": 1 }, { "name": "output_type", "number": 3, "type": 9, "label": 1 }, { "name": "options", "number": 4, "type": 11, "label": 1, "typeName": ".google.protobuf.MethodOptions" }, { "name": "client_streaming", "number": 5, "type": 8, "label": 1, "defaultValue": "false" }, { "name": "server_streaming", "number": 6, "type": 8, "label": 1, "defaultValue": "false" }] }, { "name": "FileOptions", "field": [{ "name": "java_package", "number": 1, "type": 9, "label": 1 }, { "name": "java_outer_classname", "number": 8, "type": 9, "label": 1 }, { "name": "java_multiple_files", "number": 10, "type": 8, "label": 1, "defaultValue": "false", "options": {} }, { "name": "java_generate_equals_and_hash", "number": 20, "type": 8, "label": 1, "options": { "deprecated": true } }, { "name": "java_string_check_utf8", "number": 27, "type": 8, "label": 1, "defaultValue": "false" }, { "name": "optimize_for", "number": 9, "type": 14, "label": 1, "typeName": ".google.protobuf.FileOptions.OptimizeMode", "defaultValue": "SPEED" }, { "name": "go_package", "number": 11, "type": 9, "label": 1 }, { "name": "cc_generic_services", "number": 16, "type": 8, "label": 1, "defaultValue": "false" }, { "name": "java_generic_services", "number": 17, "type": 8, "label": 1, "defaultValue": "false" }, { "name": "py_generic_services", "number": 18, "type": 8, "label": 1, "defaultValue": "false" }, { "name": "deprecated", "number": 23, "type": 8, "label": 1, "defaultValue": "false" }, { "name": "cc_enable_arenas", "number": 31, "type": 8, "label": 1, "defaultValue": "true", "options": {} }, { "name": "objc_class_prefix", "number": 36, "type": 9, "label": 1 }, { "name": "csharp_namespace", "number": 37, "type": 9, "label": 1 }, { "name": "swift_prefix", "number": 39, "type": 9, "label": 1 }, { "name": "php_class_prefix", "number": 40, "type": 9, "label": 1 }, { "name": "php_namespace", "number": 41, "type": 9, "label": 1 }, { "name": "php_metadata_namespace", "number": 44, "type": 9, "label": 1 }, { "name": "ruby_package", "number": 45, "type": 9, "label": 1 }, { "name": "features", "number": 50, "type": 11, "label": 1, "typeName": ".google.protobuf.FeatureSet" }, { "name": "uninterpreted_option", "number": 999, "type": 11, "label": 3, "typeName": ".google.protobuf.UninterpretedOption" }], "enumType": [{ "name": "OptimizeMode", "value": [{ "name": "SPEED", "number": 1 }, { "name": "CODE_SIZE", "number": 2 }, { "name": "LITE_RUNTIME", "number": 3 }] }], "extensionRange": [{ "start": 990, "end": 999 }, { "start": 1e3, "end": 536870912 }] }, { "name": "MessageOptions", "field": [{ "name": "message_set_wire_format", "number": 1, "type": 8, "label": 1, "defaultValue": "false" }, { "name": "no_standard_descriptor_accessor", "number": 2, "type": 8, "label": 1, "defaultValue": "false" }, { "name": "deprecated", "number": 3, "type": 8, "label": 1, "defaultValue": "false" }, { "name": "map_entry", "number": 7, "type": 8, "label": 1 }, { "name": "deprecated_legacy_json_field_conflicts", "number": 11, "type": 8, "label": 1, "options": { "deprecated": true } }, { "name": "features", "number": 12, "type": 11, "label": 1, "typeName": ".google.protobuf.FeatureSet" }, { "name": "uninterpreted_option", "number": 999, "type": 11, "label": 3, "typeName": ".google.protobuf.UninterpretedOption" }], "extensionRange": [{ "start": 990, "end": 999 }, { "start": 1e3, "end": 536870912 }] }, { "name": "FieldOptions", "field": [{ "name": "ctype", "number": 1, "type": 14, "label": 1, "typeName": ".google.protobuf.FieldOptions.CType", "defaultValue": "STRING" }, { "name": "packed", "number": 2, "type": 8, "label": 1 }, { "name": "jstype", "number": 6, "type": 14, "label": 1, "typeName": ".google.protobuf.FieldOptions.JSType", "defaultValue": "JS_NORMAL" }, { "name": "lazy", "number": 5, "type": 8, "label": 1, "defaultValue": "false" }, { "name": "unverified_lazy", "number": 15, "type": 8, "label": 1, "defaultValue": "false" }, { "name": "deprecated", "number": 3, "type": 8, "label": 1, "defaultValue": "false" }, { "name": "weak", "number": 10, "type": 8, "label": 1, "defaultValue": "false", "options": { "deprecated": true } }, { "name": "debug_redact", "number": 16, "type": 8, "label": 1, "defaultValue": "false" }, { "name": "retention", "number": 17, "type": 14, "label": 1, "typeName": ".google.protobuf.FieldOptions.OptionRetention" }, { "name": "targets", "number": 19, "type": 14, "label": 3, "typeName": ".google.protobuf.FieldOptions.OptionTargetType" }, { "name": "edition_defaults", "number": 20, "type": 11, "label": 3, "typeName": ".google.protobuf.FieldOptions.EditionDefault" }, { "name": "features", "number": 21, "type": 11, "label": 1, "typeName": ".google.protobuf.FeatureSet" }, { "name": "feature_support", "number": 22, "type": 11, "label": 1, "typeName": ".google.protobuf.FieldOptions.FeatureSupport" }, { "name": "uninterpreted_option", "number": 999, "type": 11, "label": 3, "typeName": ".google.protobuf.UninterpretedOption" }], "nestedType": [{ "name": "EditionDefault", "field": [{ "name": "edition", "number": 3, "type": 14, "label": 1, "typeName": ".google.protobuf.Edition" }, { "name": "value", "number": 2, "type": 9, "label": 1 }] }, { "name": "FeatureSupport", "field": [{ "name": "edition_introduced", "number": 1, "type": 14, "label": 1, "typeName": ".google.protobuf.Edition" }, { "name": "edition_deprecated", "number": 2, "type": 14, "label": 1, "typeName": ".google.protobuf.Edition" }, { "name": "deprecation_warning", "number": 3, "type": 9, "label": 1 }, { "name": "edition_removed", "number": 4, "type": 14, "label": 1, "typeName": ".google.protobuf.Edition" }, { "name": "removal_error", "number": 5, "type": 9, "label": 1 }] }], "enumType": [{ "name": "CType", "value": [{ "name": "STRING", "number": 0 }, { "name": "CORD", "number": 1 }, { "name": "STRING_PIECE", "number": 2 }] }, { "name": "JSType", "value": [{ "name": "JS_NORMAL", "number": 0 }, { "name": "JS_STRING", "number": 1 }, { "name": "JS_NUMBER", "number": 2 }] }, { "name": "OptionRetention", "value": [{ "name": "RETENTION_UNKNOWN", "number": 0 }, { "name": "RETENTION_RUNTIME", "number": 1 }, { "name": "RETENTION_SOURCE", "number": 2 }] }, { "name": "OptionTargetType", "value": [{ "name": "TARGET_TYPE_UNKNOWN", "number": 0 }, { "name": "TARGET_TYPE_FILE", "number": 1 }, { "name": "TARGET_TYPE_EXTENSION_RANGE", "number": 2 }, { "name": "TARGET_TYPE_MESSAGE", "number": 3 }, { "name": "TARGET_TYPE_FIELD", "number": 4 }, { "name": "TARGET_TYPE_ONEOF", "number": 5 }, { "name": "TARGET_TYPE_ENUM", "number": 6 }, { "name": "TARGET_TYPE_ENUM_ENTRY", "number": 7 }, { "name": "TARGET_TYPE_SERVICE", "number": 8 }, { "name": "TARGET_TYPE_METHOD", "number": 9 }] }], "extensionRange": [{ "start": 990, "end": 999 }, { "start": 1e3, "end": 536870912 }] }, { "name": "OneofOptions", "field": [{ "name": "features", "number": 1, "type": 11, "label": 1, "typeName": ".google.protobuf.FeatureSet" }, { "name": "uninterpreted_option", "number": 999, "type": 11, "label": 3, "typeName": ".google.protobuf.UninterpretedOption" }], "extensionRange": [{ "start": 990, "end": 999 }, { "start": 1e3, "end": 536870912 }] }, { "name": "EnumOptions", "field": [{ "name": "allow_alias", "number": 2, "type": 8, "label": 1 }, { "name": "deprecated", "number": 3, "type": 8, "label": 1, "defaultValue": "false" }, { "name": "deprecated_legacy_json_field_conflicts", "number": 6, "type": 8, "label": 1, "options": { "deprecated": true } }, { "name": "features", "number": 7, "type": 11, "label": 1, "typeName": ".google.protobuf.FeatureSet" }, { "name": "uninterpreted_option", "number": 999, "type": 11, "label": 3, "typeName": ".google.protobuf.UninterpretedOption" }], "extensionRange": [{ "start": 990, "end": 999 }, { "start": 1e3, "end": 536870912 }] }, { "name": "EnumValueOptions", "field": [{ "name": "deprecated", "number": 1, "type": 8, "label": 1, "defaultValue": "false" }, { "name": "features", "number": 2, "type": 11, "label": 1, "typeName": ".google.protobuf.FeatureSet" }, { "name": "debug_redact", "number": 3, "type": 8, "label": 1, "defaultValue": "false" }, { "name": "feature_support", "number": 4, "type": 11, "label": 1, "typeName": ".google.protobuf.FieldOptions.FeatureSupport" }, { "name": "uninterpreted_option", "number": 999, "type": 11, "label": 3, "typeName": ".google.protobuf.UninterpretedOption" }], "extensionRange": [{ "start": 990, "end": 999 }, { "start": 1e3, "end": 536870912 }] }, { "name": "ServiceOptions", "field": [{ "name": "features", "number": 34, "type": 11, "label": 1, "typeName": ".google.protobuf.FeatureSet" }, { "name": "deprecated", "number": 33, "type": 8, "label": 1, "defaultValue": "false" }, { "name": "uninterpreted_option", "number": 999, "type": 11, "label": 3, "typeName": ".google.protobuf.UninterpretedOption" }], "extensionRange": [{ "start": 990, "end": 999 }, { "start": 1e3, "end": 536870912 }] }, { "name": "MethodOptions", "field": [{ "name": "deprecated", "number": 33, "type": 8, "label": 1, "defaultValue": "false" }, { "name": "idempotency_level", "number": 34, "type": 14, "label": 1, "typeName": ".google.protobuf.MethodOptions.IdempotencyLevel", "defaultValue": "IDEMPOTENCY_UNKNOWN" }, { "name": "features", "number": 35, "type": 11, "label": 1, "typeName": ".google.protobuf.FeatureSet" }, { "name": "uninterpreted_option", "number": 999, "type": 11, "label": 3, "typeName": ".google.protobuf.UninterpretedOption" }], "enumType": [{ "name": "IdempotencyLevel", "value": [{ "name": "IDEMPOTENCY_UNKNOWN", "number": 0 }, { "name": "NO_SIDE_EFFECTS", "number": 1 }, { "name": "IDEMPOTENT", "number": 2 }] }], "extensionRange": [{ "start": 990, "end": 999 }, { "start": 1e3, "end": 536870912 }] }, { "name": "UninterpretedOption", "field": [{ "name": "name", "number": 2, "type": 11, "label": 3, "typeName": ".google.protobuf.UninterpretedOption.NamePart" }, { "name": "identifier_value", "number": 3, "type": 9, "label": 1 }, { "name": "positive_int_value", "number": 4, "type": 4, "label": 1 }, { "name": "negative_int_value", "number": 5, "type": 3, "label": 1 }, { "name": "double_value", "number": 6, "type": 1, "label": 1 }, { "name": "string_value", "number": 7, "type": 12, "label": 1 }, { "name": "aggregate_value", "number": 8, "type": 9, "label": 1 }], "nestedType": [{ "name": "NamePart", "field": [{ "name": "name_part", "number": 1, "type": 9, "label": 2 }, { "name": "is_extension", "number": 2, "type": 8, "label": 2 }] }] }, { "name": "FeatureSet", "field": [{ "name": "field_presence", "number": 1, "type": 14, "label": 1, "typeName": ".google.protobuf.FeatureSet.FieldPresence", "options": { "retention": 1, "targets": [4, 1], "editionDefaults": [{ "value": "EXPLICIT", "edition": 900 }, { "value": "IMPLICIT", "edition": 999 }, { "value": "EXPLICIT", "edition": 1e3 }] } }, { "name": "enum_type", "number": 2, "type": 14, "label": 1, "typeName": ".google.protobuf.FeatureSet.EnumType", "options": { "retention": 1, "targets": [6, 1], "editionDefaults": [{ "value": "CLOSED", "edition": 900 }, { "value": "OPEN", "edition": 999 }] } }, { "name": "repeated_field_encoding", "number": 3, "type": 14, "label": 1, "typeName": ".google.protobuf.FeatureSet.RepeatedFieldEncoding", "options": { "retention": 1, "targets": [4, 1], "editionDefaults": [{ "value": "EXPANDED", "edition": 900 }, { "value": "PACKED", "edition": 999 }] } }, { "name": "utf8_validation", "number": 4, "type": 14, "label": 1, "typeName": ".google.protobuf.FeatureSet.Utf8Validation", "options": { "retention": 1, "targets": [4, 1], "editionDefaults": [{ "value": "NONE", "edition": 900 }, { "value": "VERIFY", "edition": 999 }] } }, { "name": "message_encoding", "number": 5, "type": 14, "label": 1, "typeName": ".google.protobuf.FeatureSet.MessageEncoding", "options": { "retention": 1, "targets": [4, 1], "editionDefaults": [{ "value": "LENGTH_PREFIXED", "edition": 900 }] } }, { "name": "json_format", "number": 6, "type": 14, "label": 1, "typeName": ".google.protobuf.FeatureSet.JsonFormat", "options": { "retention": 1, "targets": [3, 6, 1], "editionDefaults": [{ "value": "LEGACY_BEST_EFFORT", "edition": 900 }, { "value": "ALLOW", "edition": 999 }] } }, { "name": "enforce_naming_style", "number": 7, "type": 14, "label": 1, "typeName": ".google.protobuf.FeatureSet.EnforceNamingStyle", "options": { "retention": 2, "targets": [1, 2, 3, 4, 5, 6, 7, 8, 9], "editionDefaults": [{ "value": "STYLE_LEGACY", "edition": 900 }, { "value": "STYLE2024", "edition": 1001 }, { "value": "STYLE2026", "edition": 1002 }] } }, { "name": "default_symbol_visibility", "number": 8, "type": 14, "label": 1, "typeName": ".google.protobuf.FeatureSet.VisibilityFeature.DefaultSymbolVisibility", "options": { "retention": 2, "targets": [1], "editionDefaults": [{ "value": "EXPORT_ALL", "edition": 900 }, { "value": "EXPORT_TOP_LEVEL", "edition": 1001 }, { "value": "STRICT", "edition": 1002 }] } }, { "name": "enforce_proto_limits", "number": 9, "type": 14, "label": 1, "typeName": ".google.protobuf.FeatureSet.ProtoLimitsFeature.EnforceProtoLimits", "options": { "retention": 2, "targets": [6, 3, 4, 5], "editionDefaults": [{ "value": "LEGACY_NO_EXPLICIT_LIMITS", "edition": 900 }, { "value": "PROTO_LIMITS2026", "edition": 1002 }] } }], "nestedType": [{ "name": "VisibilityFeature", "enumType": [{ "name": "DefaultSymbolVisibility", "value": [{ "name": "DEFAULT_SYMBOL_VISIBILITY_UNKNOWN", "number": 0 }, { "name": "EXPORT_ALL", "number": 1 }, { "name": "EXPORT_TOP_LEVEL", "number": 2 }, { "name": "LOCAL_ALL", "number": 3 }, { "name": "STRICT", "number": 4 }] }] }, { "name": "ProtoLimitsFeature", "enumType": [{ "name": "EnforceProtoLimits", "value": [{ "name": "PROTO_LIMITS_UNKNOWN", "number": 0 }, { "name": "LEGACY_NO_EXPLICIT_LIMITS", "number": 1 }, { "name": "PROTO_LIMITS2026", "number": 2 }] }] }], "enumType": [{ "name": "FieldPresence", "value": [{ "name": "FIELD_PRESENCE_UNKNOWN", "number": 0 }, { "name": "EXPLICIT", "number": 1 }, { "name": "IMPLICIT", "number": 2 }, { "name": "LEGACY_REQUIRED", "number": 3 }] }, { "name": "EnumType", "value": [{ "name": "ENUM_TYPE_UNKNOWN", "number": 0 }, { "name": "OPEN", "number": 1 }, { "name": "CLOSED", "number": 2 }] }, { "name": "RepeatedFieldEncoding", "value": [{ "name": "REPEATED_FIELD_ENCODING_UNKNOWN", "number": 0 }, { "name": "PACKED", "number": 1 }, { "name": "EXPANDED", "number": 2 }] }, { "name": "Utf8Validation", "value": [{ "name": "UTF8_VALIDATION_UNKNOWN", "number": 0 }, { "name": "VERIFY", "number": 2 }, { "name": "NONE", "number": 3 }] }, { "name": "MessageEncoding", "value": [{ "name": "MESSAGE_ENCODING_UNKNOWN", "number": 0 }, { "name": "LENGTH_PREFIXED", "number": 1 }, { "name": "DELIMITED", "number": 2 }] }, { "name": "JsonFormat", "value": [{ "name": "JSON_FORMAT_UNKNOWN", "number": 0 }, { "name": "ALLOW", "number": 1 }, { "name": "LEGACY_BEST_EFFORT", "number": 2 }] }, { "name": "EnforceNamingStyle", "value": [{ "name": "ENFORCE_NAMING_STYLE_UNKNOWN", "number": 0 }, { "name": "STYLE2024", "number": 1 }, { "name": "STYLE_LEGACY", "number": 2 }, { "name": "STYLE2026", "number": 3 }] }], "extensionRange": [{ "start": 1e3, "end": 9995 }, { "start": 9995, "end": 1e4 }, { "start": 1e4, "end": 10001 }] }, { "name": "FeatureSetDefaults", "field": [{ "name": "defaults", "number": 1, "type": 11, "label": 3, "typeName": ".google.protobuf.FeatureSetDefaults.FeatureSetEditionDefault" }, { "name": "minimum_edition", "number": 4, "type": 14, "label": 1, "typeName": ".google.protobuf.Edition" }, { "name": "maximum_edition", "number": 5, "type": 14, "label": 1, "typeName": ".google.protobuf.Edition" }], "nestedType": [{ "name": "FeatureSetEditionDefault", "field": [{ "name": "edition", "number": 3, "type": 14, "label": 1, "typeName": ".google.protobuf.Edition" }, { "name": "overridable_features", "number": 4, "type": 11, "label": 1, "typeName": ".google.protobuf.FeatureSet" }, { "name": "fixed_features", "number": 5, "type": 11, "label": 1, "typeName": ".google.protobuf.FeatureSet" }] }] }, { "name": "SourceCodeInfo", "field": [{ "name": "location", "number": 1, "type": 11, "label": 3, "typeName": ".google.protobuf.SourceCodeInfo.Location" }], "nestedType": [{ "name": "Location", "field": [{ "name": "path", "number": 1, "type": 5, "label": 3, "options": { "packed": true } }, { "name": "span", "number": 2, "type": 5, "label": 3, "options": { "packed": true } }, { "name": "leading_comments", "number": 3, "type": 9, "label": 1 }, { "name": "trailing_comments", "number": 4, "type": 9, "label": 1 }, { "name": "leading_detached_comments", "number": 6, "type": 9, "label": 3 }] }], "extensionRange": [{ "start": 536e6, "end": 536000001 }] }, { "name": "GeneratedCodeInfo", "field": [{ "name": "annotation", "number": 1, "type": 11, "label": 3, "typeName": ".google.protobuf.GeneratedCodeInfo.Annotation" }], "nestedType": [{ "name": "Annotation", "field": [{ "name": "path", "number": 1, "type": 5, "label": 3, "options": { "packed": true } }, { "name": "source_file", "number": 2, "type": 9, "label": 1 }, { "name": "begin", "number": 3, "type": 5, "label": 1 }, { "name": "end", "number": 4, "type": 5, "label": 1 }, { "name": "semantic", "number": 5, "type": 14, "label": 1, "typeName": ".google.protobuf.GeneratedCodeInfo.Annotation.Semantic" }], "enumType": [{ "name": "Semantic", "value": [{ "name": "NONE", "number": 0 }, { "name": "SET", "number": 1 }, { "name": "ALIAS", "number": 2 }] }] }] }], "enumType": [{ "name": "Edition", "value": [{ "name": "EDITION_UNKNOWN", "number": 0 }, { "name": "EDITION_LEGACY", "number": 900 }, { "name": "EDITION_PROTO2", "number": 998 }, { "name": "EDITION_PROTO3", "number": 999 }, { "name": "EDITION_2023", "number": 1e3 }, { "name": "EDITION_2024", "number": 1001 }, { "name": "EDITION_2026", "number": 1002 }, { "name": "EDITION_UNSTABLE", "number": 9999 }, { "name": "EDITION_1_TEST_ONLY", "number": 1 }, { "name": "EDITION_2_TEST_ONLY", "number": 2 }, { "name": "EDITION_99997_TEST_ONLY", "number": 99997 }, { "name": "EDITION_99998_TEST_ONLY", "number": 99998 }, { "name": "EDITION_99999_TEST_ONLY", "number": 99999 }, { "name": "EDITION_MAX", "number": 2147483647 }] }, { "name": "SymbolVisibility", "value": [{ "name": "VISIBILITY_UNSET", "number": 0 }, { "name": "VISIBILITY_LOCAL", "number": 1 }, { "name": "VISIBILITY_EXPORT", "number": 2 }] }] });
+var FileDescriptorProtoSchema = /* @__PURE__ */ messageDesc(file_google_protobuf_descriptor, 1);
+var ExtensionRangeOptions_VerificationState;
+(function(ExtensionRangeOptions_VerificationState2) {
+  ExtensionRangeOptions_VerificationState2[ExtensionRangeOptions_VerificationState2["DECLARATION"] = 0] = "DECLARATION";
+  ExtensionRangeOptions_VerificationState2[ExtensionRangeOptions_VerificationState2["UNVERIFIED"] = 1] = "UNVERIFIED";
+})(ExtensionRangeOptions_VerificationState || (ExtensionRangeOptions_VerificationState = {}));
+var FieldDescriptorProto_Type;
+(function(FieldDescriptorProto_Type2) {
+  FieldDescriptorProto_Type2[FieldDescriptorProto_Type2["DOUBLE"] = 1] = "DOUBLE";
+  FieldDescriptorProto_Type2[FieldDescriptorProto_Type2["FLOAT"] = 2] = "FLOAT";
+  FieldDescriptorProto_Type2[FieldDescriptorProto_Type2["INT64"] = 3] = "INT64";
+  FieldDescriptorProto_Type2[FieldDescriptorProto_Type2["UINT64"] = 4] = "UINT64";
+  FieldDescriptorProto_Type2[FieldDescriptorProto_Type2["INT32"] = 5] = "INT32";
+  FieldDescriptorProto_Type2[FieldDescriptorProto_Type2["FIXED64"] = 6] = "FIXED64";
+  FieldDescriptorProto_Type2[FieldDescriptorProto_Type2["FIXED32"] = 7] = "FIXED32";
+  FieldDescriptorProto_Type2[FieldDescriptorProto_Type2["BOOL"] = 8] = "BOOL";
+  FieldDescriptorProto_Type2[FieldDescriptorProto_Type2["STRING"] = 9] = "STRING";
+  FieldDescriptorProto_Type2[FieldDescriptorProto_Type2["GROUP"] = 10] = "GROUP";
+  FieldDescriptorProto_Type2[FieldDescriptorProto_Type2["MESSAGE"] = 11] = "MESSAGE";
+  FieldDescriptorProto_Type2[FieldDescriptorProto_Type2["BYTES"] = 12] = "BYTES";
+  FieldDescriptorProto_Type2[FieldDescriptorProto_Type2["UINT32"] = 13] = "UINT32";
+  FieldDescriptorProto_Type2[FieldDescriptorProto_Type2["ENUM"] = 14] = "ENUM";
+  FieldDescriptorProto_Type2[FieldDescriptorProto_Type2["SFIXED32"] = 15] = "SFIXED32";
+  FieldDescriptorProto_Type2[FieldDescriptorProto_Type2["SFIXED64"] = 16] = "SFIXED64";
+  FieldDescriptorProto_Type2[FieldDescriptorProto_Type2["SINT32"] = 17] = "SINT32";
+  FieldDescriptorProto_Type2[FieldDescriptorProto_Type2["SINT64"] = 18] = "SINT64";
+})(FieldDescriptorProto_Type || (FieldDescriptorProto_Type = {}));
+var FieldDescriptorProto_Label;
+(function(FieldDescriptorProto_Label2) {
+  FieldDescriptorProto_Label2[FieldDescriptorProto_Label2["OPTIONAL"] = 1] = "OPTIONAL";
+  FieldDescriptorProto_Label2[FieldDescriptorProto_Label2["REPEATED"] = 3] = "REPEATED";
+  FieldDescriptorProto_Label2[FieldDescriptorProto_Label2["REQUIRED"] = 2] = "REQUIRED";
+})(FieldDescriptorProto_Label || (FieldDescriptorProto_Label = {}));
+var FileOptions_OptimizeMode;
+(function(FileOptions_OptimizeMode2) {
+  FileOptions_OptimizeMode2[FileOptions_OptimizeMode2["SPEED"] = 1] = "SPEED";
+  FileOptions_OptimizeMode2[FileOptions_OptimizeMode2["CODE_SIZE"] = 2] = "CODE_SIZE";
+  FileOptions_OptimizeMode2[FileOptions_OptimizeMode2["LITE_RUNTIME"] = 3] = "LITE_RUNTIME";
+})(FileOptions_OptimizeMode || (FileOptions_OptimizeMode = {}));
+var FieldOptions_CType;
+(function(FieldOptions_CType2) {
+  FieldOptions_CType2[FieldOptions_CType2["STRING"] = 0] = "STRING";
+  FieldOptions_CType2[FieldOptions_CType2["CORD"] = 1] = "CORD";
+  FieldOptions_CType2[FieldOptions_CType2["STRING_PIECE"] = 2] = "STRING_PIECE";
+})(FieldOptions_CType || (FieldOptions_CType = {}));
+var FieldOptions_JSType;
+(function(FieldOptions_JSType2) {
+  FieldOptions_JSType2[FieldOptions_JSType2["JS_NORMAL"] = 0] = "JS_NORMAL";
+  FieldOptions_JSType2[FieldOptions_JSType2["JS_STRING"] = 1] = "JS_STRING";
+  FieldOptions_JSType2[FieldOptions_JSType2["JS_NUMBER"] = 2] = "JS_NUMBER";
+})(FieldOptions_JSType || (FieldOptions_JSType = {}));
+var FieldOptions_OptionRetention;
+(function(FieldOptions_OptionRetention2) {
+  FieldOptions_OptionRetention2[FieldOptions_OptionRetention2["RETENTION_UNKNOWN"] = 0] = "RETENTION_UNKNOWN";
+  FieldOptions_OptionRetention2[FieldOptions_OptionRetention2["RETENTION_RUNTIME"] = 1] = "RETENTION_RUNTIME";
+  FieldOptions_OptionRetention2[FieldOptions_OptionRetention2["RETENTION_SOURCE"] = 2] = "RETENTION_SOURCE";
+})(FieldOptions_OptionRetention || (FieldOptions_OptionRetention = {}));
+var FieldOptions_OptionTargetType;
+(function(FieldOptions_OptionTargetType2) {
+  FieldOptions_OptionTargetType2[FieldOptions_OptionTargetType2["TARGET_TYPE_UNKNOWN"] = 0] = "TARGET_TYPE_UNKNOWN";
+  FieldOptions_OptionTargetType2[FieldOptions_OptionTargetType2["TARGET_TYPE_FILE"] = 1] = "TARGET_TYPE_FILE";
+  FieldOptions_OptionTargetType2[FieldOptions_OptionTargetType2["TARGET_TYPE_EXTENSION_RANGE"] = 2] = "TARGET_TYPE_EXTENSION_RANGE";
+  FieldOptions_OptionTargetType2[FieldOptions_OptionTargetType2["TARGET_TYPE_MESSAGE"] = 3] = "TARGET_TYPE_MESSAGE";
+  FieldOptions_OptionTargetType2[FieldOptions_OptionTargetType2["TARGET_TYPE_FIELD"] = 4] = "TARGET_TYPE_FIELD";
+  FieldOptions_OptionTargetType2[FieldOptions_OptionTargetType2["TARGET_TYPE_ONEOF"] = 5] = "TARGET_TYPE_ONEOF";
+  FieldOptions_OptionTargetType2[FieldOptions_OptionTargetType2["TARGET_TYPE_ENUM"] = 6] = "TARGET_TYPE_ENUM";
+  FieldOptions_OptionTargetType2[FieldOptions_OptionTargetType2["TARGET_TYPE_ENUM_ENTRY"] = 7] = "TARGET_TYPE_ENUM_ENTRY";
+  FieldOptions_OptionTargetType2[FieldOptions_OptionTargetType2["TARGET_TYPE_SERVICE"] = 8] = "TARGET_TYPE_SERVICE";
+  FieldOptions_OptionTargetType2[FieldOptions_OptionTargetType2["TARGET_TYPE_METHOD"] = 9] = "TARGET_TYPE_METHOD";
+})(FieldOptions_OptionTargetType || (FieldOptions_OptionTargetType = {}));
+var MethodOptions_IdempotencyLevel;
+(function(MethodOptions_IdempotencyLevel2) {
+  MethodOptions_IdempotencyLevel2[MethodOptions_IdempotencyLevel2["IDEMPOTENCY_UNKNOWN"] = 0] = "IDEMPOTENCY_UNKNOWN";
+  MethodOptions_IdempotencyLevel2[MethodOptions_IdempotencyLevel2["NO_SIDE_EFFECTS"] = 1] = "NO_SIDE_EFFECTS";
+  MethodOptions_IdempotencyLevel2[MethodOptions_IdempotencyLevel2["IDEMPOTENT"] = 2] = "IDEMPOTENT";
+})(MethodOptions_IdempotencyLevel || (MethodOptions_IdempotencyLevel = {}));
+var FeatureSet_VisibilityFeature_DefaultSymbolVisibility;
+(function(FeatureSet_VisibilityFeature_DefaultSymbolVisibility2) {
+  FeatureSet_VisibilityFeature_DefaultSymbolVisibility2[FeatureSet_VisibilityFeature_DefaultSymbolVisibility2["DEFAULT_SYMBOL_VISIBILITY_UNKNOWN"] = 0] = "DEFAULT_SYMBOL_VISIBILITY_UNKNOWN";
+  FeatureSet_VisibilityFeature_DefaultSymbolVisibility2[FeatureSet_VisibilityFeature_DefaultSymbolVisibility2["EXPORT_ALL"] = 1] = "EXPORT_ALL";
+  FeatureSet_VisibilityFeature_DefaultSymbolVisibility2[FeatureSet_VisibilityFeature_DefaultSymbolVisibility2["EXPORT_TOP_LEVEL"] = 2] = "EXPORT_TOP_LEVEL";
+  FeatureSet_VisibilityFeature_DefaultSymbolVisibility2[FeatureSet_VisibilityFeature_DefaultSymbolVisibility2["LOCAL_ALL"] = 3] = "LOCAL_ALL";
+  FeatureSet_VisibilityFeature_DefaultSymbolVisibility2[FeatureSet_VisibilityFeature_DefaultSymbolVisibility2["STRICT"] = 4] = "STRICT";
+})(FeatureSet_VisibilityFeature_DefaultSymbolVisibility || (FeatureSet_VisibilityFeature_DefaultSymbolVisibility = {}));
+var FeatureSet_ProtoLimitsFeature_EnforceProtoLimits;
+(function(FeatureSet_ProtoLimitsFeature_EnforceProtoLimits2) {
+  FeatureSet_ProtoLimitsFeature_EnforceProtoLimits2[FeatureSet_ProtoLimitsFeature_EnforceProtoLimits2["PROTO_LIMITS_UNKNOWN"] = 0] = "PROTO_LIMITS_UNKNOWN";
+  FeatureSet_ProtoLimitsFeature_EnforceProtoLimits2[FeatureSet_ProtoLimitsFeature_EnforceProtoLimits2["LEGACY_NO_EXPLICIT_LIMITS"] = 1] = "LEGACY_NO_EXPLICIT_LIMITS";
+  FeatureSet_ProtoLimitsFeature_EnforceProtoLimits2[FeatureSet_ProtoLimitsFeature_EnforceProtoLimits2["PROTO_LIMITS2026"] = 2] = "PROTO_LIMITS2026";
+})(FeatureSet_ProtoLimitsFeature_EnforceProtoLimits || (FeatureSet_ProtoLimitsFeature_EnforceProtoLimits = {}));
+var FeatureSet_FieldPresence;
+(function(FeatureSet_FieldPresence2) {
+  FeatureSet_FieldPresence2[FeatureSet_FieldPresence2["FIELD_PRESENCE_UNKNOWN"] = 0] = "FIELD_PRESENCE_UNKNOWN";
+  FeatureSet_FieldPresence2[FeatureSet_FieldPresence2["EXPLICIT"] = 1] = "EXPLICIT";
+  FeatureSet_FieldPresence2[FeatureSet_FieldPresence2["IMPLICIT"] = 2] = "IMPLICIT";
+  FeatureSet_FieldPresence2[FeatureSet_FieldPresence2["LEGACY_REQUIRED"] = 3] = "LEGACY_REQUIRED";
+})(FeatureSet_FieldPresence || (FeatureSet_FieldPresence = {}));
+var FeatureSet_EnumType;
+(function(FeatureSet_EnumType2) {
+  FeatureSet_EnumType2[FeatureSet_EnumType2["ENUM_TYPE_UNKNOWN"] = 0] = "ENUM_TYPE_UNKNOWN";
+  FeatureSet_EnumType2[FeatureSet_EnumType2["OPEN"] = 1] = "OPEN";
+  FeatureSet_EnumType2[FeatureSet_EnumType2["CLOSED"] = 2] = "CLOSED";
+})(FeatureSet_EnumType || (FeatureSet_EnumType = {}));
+var FeatureSet_RepeatedFieldEncoding;
+(function(FeatureSet_RepeatedFieldEncoding2) {
+  FeatureSet_RepeatedFieldEncoding2[FeatureSet_RepeatedFieldEncoding2["REPEATED_FIELD_ENCODING_UNKNOWN"] = 0] = "REPEATED_FIELD_ENCODING_UNKNOWN";
+  FeatureSet_RepeatedFieldEncoding2[FeatureSet_RepeatedFieldEncoding2["PACKED"] = 1] = "PACKED";
+  FeatureSet_RepeatedFieldEncoding2[FeatureSet_RepeatedFieldEncoding2["EXPANDED"] = 2] = "EXPANDED";
+})(FeatureSet_RepeatedFieldEncoding || (FeatureSet_RepeatedFieldEncoding = {}));
+var FeatureSet_Utf8Validation;
+(function(FeatureSet_Utf8Validation2) {
+  FeatureSet_Utf8Validation2[FeatureSet_Utf8Validation2["UTF8_VALIDATION_UNKNOWN"] = 0] = "UTF8_VALIDATION_UNKNOWN";
+  FeatureSet_Utf8Validation2[FeatureSet_Utf8Validation2["VERIFY"] = 2] = "VERIFY";
+  FeatureSet_Utf8Validation2[FeatureSet_Utf8Validation2["NONE"] = 3] = "NONE";
+})(FeatureSet_Utf8Validation || (FeatureSet_Utf8Validation = {}));
+var FeatureSet_MessageEncoding;
+(function(FeatureSet_MessageEncoding2) {
+  FeatureSet_MessageEncoding2[FeatureSet_MessageEncoding2["MESSAGE_ENCODING_UNKNOWN"] = 0] = "MESSAGE_ENCODING_UNKNOWN";
+  FeatureSet_MessageEncoding2[FeatureSet_MessageEncoding2["LENGTH_PREFIXED"] = 1] = "LENGTH_PREFIXED";
+  FeatureSet_MessageEncoding2[FeatureSet_MessageEncoding2["DELIMITED"] = 2] = "DELIMITED";
+})(FeatureSet_MessageEncoding || (FeatureSet_MessageEncoding = {}));
+var FeatureSet_JsonFormat;
+(function(FeatureSet_JsonFormat2) {
+  FeatureSet_JsonFormat2[FeatureSet_JsonFormat2["JSON_FORMAT_UNKNOWN"] = 0] = "JSON_FORMAT_UNKNOWN";
+  FeatureSet_JsonFormat2[FeatureSet_JsonFormat2["ALLOW"] = 1] = "ALLOW";
+  FeatureSet_JsonFormat2[FeatureSet_JsonFormat2["LEGACY_BEST_EFFORT"] = 2] = "LEGACY_BEST_EFFORT";
+})(FeatureSet_JsonFormat || (FeatureSet_JsonFormat = {}));
+var FeatureSet_EnforceNamingStyle;
+(function(FeatureSet_EnforceNamingStyle2) {
+  FeatureSet_EnforceNamingStyle2[FeatureSet_EnforceNamingStyle2["ENFORCE_NAMING_STYLE_UNKNOWN"] = 0] = "ENFORCE_NAMING_STYLE_UNKNOWN";
+  FeatureSet_EnforceNamingStyle2[FeatureSet_EnforceNamingStyle2["STYLE2024"] = 1] = "STYLE2024";
+  FeatureSet_EnforceNamingStyle2[FeatureSet_EnforceNamingStyle2["STYLE_LEGACY"] = 2] = "STYLE_LEGACY";
+  FeatureSet_EnforceNamingStyle2[FeatureSet_EnforceNamingStyle2["STYLE2026"] = 3] = "STYLE2026";
+})(FeatureSet_EnforceNamingStyle || (FeatureSet_EnforceNamingStyle = {}));
+var GeneratedCodeInfo_Annotation_Semantic;
+(function(GeneratedCodeInfo_Annotation_Semantic2) {
+  GeneratedCodeInfo_Annotation_Semantic2[GeneratedCodeInfo_Annotation_Semantic2["NONE"] = 0] = "NONE";
+  GeneratedCodeInfo_Annotation_Semantic2[GeneratedCodeInfo_Annotation_Semantic2["SET"] = 1] = "SET";
+  GeneratedCodeInfo_Annotation_Semantic2[GeneratedCodeInfo_Annotation_Semantic2["ALIAS"] = 2] = "ALIAS";
+})(GeneratedCodeInfo_Annotation_Semantic || (GeneratedCodeInfo_Annotation_Semantic = {}));
+var Edition;
+(function(Edition2) {
+  Edition2[Edition2["EDITION_UNKNOWN"] = 0] = "EDITION_UNKNOWN";
+  Edition2[Edition2["EDITION_LEGACY"] = 900] = "EDITION_LEGACY";
+  Edition2[Edition2["EDITION_PROTO2"] = 998] = "EDITION_PROTO2";
+  Edition2[Edition2["EDITION_PROTO3"] = 999] = "EDITION_PROTO3";
+  Edition2[Edition2["EDITION_2023"] = 1e3] = "EDITION_2023";
+  Edition2[Edition2["EDITION_2024"] = 1001] = "EDITION_2024";
+  Edition2[Edition2["EDITION_2026"] = 1002] = "EDITION_2026";
+  Edition2[Edition2["EDITION_UNSTABLE"] = 9999] = "EDITION_UNSTABLE";
+  Edition2[Edition2["EDITION_1_TEST_ONLY"] = 1] = "EDITION_1_TEST_ONLY";
+  Edition2[Edition2["EDITION_2_TEST_ONLY"] = 2] = "EDITION_2_TEST_ONLY";
+  Edition2[Edition2["EDITION_99997_TEST_ONLY"] = 99997] = "EDITION_99997_TEST_ONLY";
+  Edition2[Edition2["EDITION_99998_TEST_ONLY"] = 99998] = "EDITION_99998_TEST_ONLY";
+  Edition2[Edition2["EDITION_99999_TEST_ONLY"] = 99999] = "EDITION_99999_TEST_ONLY";
+  Edition2[Edition2["EDITION_MAX"] = 2147483647] = "EDITION_MAX";
+})(Edition || (Edition = {}));
+var SymbolVisibility;
+(function(SymbolVisibility2) {
+  SymbolVisibility2[SymbolVisibility2["VISIBILITY_UNSET"] = 0] = "VISIBILITY_UNSET";
+  SymbolVisibility2[SymbolVisibility2["VISIBILITY_LOCAL"] = 1] = "VISIBILITY_LOCAL";
+  SymbolVisibility2[SymbolVisibility2["VISIBILITY_EXPORT"] = 2] = "VISIBILITY_EXPORT";
+})(SymbolVisibility || (SymbolVisibility = {}));
+
+// node_modules/@bufbuild/protobuf/dist/esm/codegenv2/extension.js
+function extDesc(file, path, ...paths) {
+  if (paths.length == 0) {
+    return file.extensions[path];
+  }
+  const e = paths.pop();
+  return paths.reduce((acc, cur) => acc.nestedMessages[cur], file.messages[path]).nestedExtensions[e];
+}
+
+// node_modules/@bufbuild/protobuf/dist/esm/from-binary.js
+function makeReadContext(options) {
+  return Object.assign(Object.assign({ readUnknownFields: true, recursionLimit: 100 }, options), { depth: 0 });
+}
+function fromBinary(schema, bytes, options) {
+  const message = create(schema);
+  compiledReader(schema).read(message, new BinaryReader(bytes), makeReadContext(options), bytes.byteLength);
+  return message;
+}
+var compiledReaders = /* @__PURE__ */ new WeakMap();
+function compiledReader(desc) {
+  let compiled = compiledReaders.get(desc);
+  if (compiled === void 0) {
+    compiled = compileMessage2(desc);
+  }
+  return compiled;
+}
+function compileMessage2(desc) {
+  const descString = String(desc);
+  const fieldReaders = /* @__PURE__ */ new Map();
+  const compiled = {
+    read: compileMessageReader(descString, fieldReaders),
+    readGroup: compileGroupReader(descString, fieldReaders)
+  };
+  compiledReaders.set(desc, compiled);
+  for (const field2 of desc.fields) {
+    fieldReaders.set(field2.number, compileFieldReader(field2));
+  }
+  return compiled;
+}
+function compileMessageReader(descString, fieldReaders) {
+  return (message, reader, ctx, length) => {
+    var _a;
+    if (++ctx.depth > ctx.recursionLimit) {
+      throw new Error(`cannot decode ${descString} from binary: maximum recursion depth of ${ctx.recursionLimit} reached`);
+    }
+    const end = reader.pos + length;
+    const unknownFields = (_a = message.$unknown) !== null && _a !== void 0 ? _a : [];
+    while (reader.pos < end) {
+      const [fieldNo, wireType] = reader.tag();
+      const fieldReader = fieldReaders.get(fieldNo);
+      if (fieldReader === void 0) {
+        const data = reader.skip(wireType, fieldNo, ctx.recursionLimit - ctx.depth);
+        if (ctx.readUnknownFields) {
+          unknownFields.push({ no: fieldNo, wireType, data });
+        }
+        continue;
+      }
+      fieldReader(message, reader, ctx, wireType);
+    }
+    if (unknownFields.length > 0) {
+      message.$unknown = unknownFields;
+    }
+    ctx.depth--;
+  };
+}
+function compileGroupReader(descString, fieldReaders) {
+  return (message, reader, ctx, fieldNo) => {
+    var _a;
+    if (++ctx.depth > ctx.recursionLimit) {
+      throw new Error(`cannot decode ${descString} from binary: maximum recursion depth of ${ctx.recursionLimit} reached`);
+    }
+    let recordFieldNo;
+    let wireType;
+    const unknownFields = (_a = message.$unknown) !== null && _a !== void 0 ? _a : [];
+    while (reader.pos < reader.len) {
+      [recordFieldNo, wireType] = reader.tag();
+      if (wireType == WireType.EndGroup) {
+        break;
+      }
+      const fieldReader = fieldReaders.get(recordFieldNo);
+      if (fieldReader === void 0) {
+        const data = reader.skip(wireType, recordFieldNo, ctx.recursionLimit - ctx.depth);
+        if (ctx.readUnknownFields) {
+          unknownFields.push({ no: recordFieldNo, wireType, data });
+        }
+        continue;
+      }
+      fieldReader(message, reader, ctx, wireType);
+    }
+    if (wireType != WireType.EndGroup || recordFieldNo !== fieldNo) {
+      throw new Error("invalid end group tag");
+    }
+    if (unknownFields.length > 0) {
+      message.$unknown = unknownFields;
+    }
+    ctx.depth--;
+  };
+}
+function readField(message, reader, field2, wireType, ctx) {
+  compileFieldReader(field2)(message[unsafeLocal], reader, ctx, wireType);
+}
+function compileFieldReader(field2) {
+  switch (field2.fieldKind) {
+    case "scalar":
+      return compileScalarFieldReader(field2);
+    case "enum":
+      return compileEnumFieldReader(field2);
+    case "message":
+      return compileMessageFieldReader(field2);
+    case "list":
+      return compileListFieldReader(field2);
+    case "map":
+      return compileMapFieldReader(field2);
+  }
+}
+function compileScalarFieldReader(field2) {
+  const readScalar = compileScalarReader(field2.scalar, field2.utf8Validation, field2.longAsString);
+  const localName = field2.localName;
+  if (field2.oneof) {
+    const oneofLocalName = field2.oneof.localName;
+    return (message, reader) => {
+      message[oneofLocalName] = {
+        case: localName,
+        value: readScalar(reader)
+      };
+    };
+  }
+  return (message, reader) => {
+    message[localName] = readScalar(reader);
+  };
+}
+function compileEnumFieldReader(field2) {
+  var _a;
+  const localName = field2.localName;
+  const oneofLocalName = (_a = field2.oneof) === null || _a === void 0 ? void 0 : _a.localName;
+  if (field2.enum.open) {
+    if (oneofLocalName !== void 0) {
+      return (message, reader) => {
+        message[oneofLocalName] = { case: localName, value: reader.int32() };
+      };
+    }
+    return (message, reader) => {
+      message[localName] = reader.int32();
+    };
+  }
+  const values = field2.enum.values;
+  const fieldNo = field2.number;
+  return (message, reader, ctx, wireType) => {
+    var _a2;
+    const val = reader.int32();
+    if (values.some((v) => v.number === val)) {
+      if (oneofLocalName !== void 0) {
+        message[oneofLocalName] = { case: localName, value: val };
+      } else {
+        message[localName] = val;
+      }
+    } else if (ctx.readUnknownFields) {
+      const bytes = [];
+      varint32write(val, bytes);
+      const unknownFields = (_a2 = message.$unknown) !== null && _a2 !== void 0 ? _a2 : [];
+      unknownFields.push({
+        no: fieldNo,
+        wireType,
+        data: new Uint8Array(bytes)
+      });
+      message.$unknown = unknownFields;
+    }
+  };
+}
+function compileMessageFieldReader(field2) {
+  const localName = field2.localName;
+  const { toMessage, toLocal } = localMessageMapper(field2);
+  const readChild = compileChildReader(field2);
+  if (field2.oneof) {
+    const oneofLocalName = field2.oneof.localName;
+    return (message, reader, ctx) => {
+      const oneof = message[oneofLocalName];
+      const child = toMessage(oneof.case === localName ? oneof.value : void 0);
+      readChild(child, reader, ctx);
+      message[oneofLocalName] = { case: localName, value: toLocal(child) };
+    };
+  }
+  return (message, reader, ctx) => {
+    const child = toMessage(message[localName]);
+    readChild(child, reader, ctx);
+    message[localName] = toLocal(child);
+  };
+}
+function compileChildReader(field2) {
+  const compiledChild = compiledReader(field2.message);
+  if (field2.delimitedEncoding) {
+    const fieldNo = field2.number;
+    return (child, reader, ctx) => compiledChild.readGroup(child, reader, ctx, fieldNo);
+  }
+  return (child, reader, ctx) => compiledChild.read(child, reader, ctx, reader.uint32());
+}
+function compileListFieldReader(field2) {
+  const localName = field2.localName;
+  if (field2.listKind == "message") {
+    const { toMessage, toLocal } = localMessageMapper(field2);
+    const readChild = compileChildReader(field2);
+    return (message, reader, ctx) => {
+      const child = toMessage(void 0);
+      readChild(child, reader, ctx);
+      message[localName].push(toLocal(child));
+    };
+  }
+  const scalarType = field2.listKind == "enum" ? ScalarType.INT32 : field2.scalar;
+  const longAsString = field2.listKind == "scalar" ? field2.longAsString : false;
+  const readScalar = compileScalarReader(scalarType, field2.utf8Validation, longAsString);
+  const packedPossible = scalarType != ScalarType.STRING && scalarType != ScalarType.BYTES;
+  return (message, reader, ctx, wireType) => {
+    const items = message[localName];
+    if (wireType == WireType.LengthDelimited && packedPossible) {
+      const end = reader.uint32() + reader.pos;
+      while (reader.pos < end) {
+        items.push(readScalar(reader));
+      }
+    } else {
+      items.push(readScalar(reader));
+    }
+  };
+}
+function compileMapFieldReader(field2) {
+  const localName = field2.localName;
+  const readKey = compileScalarReader(field2.mapKey, field2.utf8Validation, false);
+  const keyZero = scalarZeroValue(field2.mapKey, false);
+  let readValue;
+  let valueDefault;
+  switch (field2.mapKind) {
+    case "scalar": {
+      const scalar = field2.scalar;
+      const readScalar = compileScalarReader(scalar, field2.utf8Validation, false);
+      readValue = (reader) => readScalar(reader);
+      if (scalar == ScalarType.BYTES) {
+        valueDefault = () => new Uint8Array(0);
+      } else {
+        const zero = scalarZeroValue(scalar, false);
+        valueDefault = () => zero;
+      }
+      break;
+    }
+    case "enum": {
+      const zero = field2.enum.values[0].number;
+      readValue = (reader) => reader.int32();
+      valueDefault = () => zero;
+      break;
+    }
+    case "message": {
+      const { toMessage, toLocal } = localMessageMapper(field2);
+      const readChild = compiledReader(field2.message).read;
+      readValue = (reader, ctx, existing) => {
+        const child = toMessage(existing);
+        readChild(child, reader, ctx, reader.uint32());
+        return toLocal(child);
+      };
+      valueDefault = () => toLocal(toMessage(void 0));
+      break;
+    }
+  }
+  return (message, reader, ctx) => {
+    const record = message[localName];
+    let key2;
+    let val;
+    const len = reader.uint32();
+    const end = reader.pos + len;
+    while (reader.pos < end) {
+      const [fieldNo, wireType] = reader.tag();
+      switch (fieldNo) {
+        case 1:
+          key2 = readKey(reader);
+          break;
+        case 2:
+          val = readValue(reader, ctx, val);
+          break;
+        default:
+          reader.skip(wireType, fieldNo, ctx.recursionLimit - ctx.depth);
+      }
+    }
+    if (key2 === void 0) {
+      key2 = keyZero;
+    }
+    if (val === void 0) {
+      val = valueDefault();
+    }
+    setOwn(record, key2, val);
+  };
+}
+function compileScalarReader(type, utf8Validation, longAsString) {
+  switch (type) {
+    case ScalarType.STRING:
+      return (reader) => reader.string(utf8Validation);
+    case ScalarType.BOOL:
+      return (reader) => reader.bool();
+    case ScalarType.DOUBLE:
+      return (reader) => reader.double();
+    case ScalarType.FLOAT:
+      return (reader) => reader.float();
+    case ScalarType.INT32:
+      return (reader) => reader.int32();
+    case ScalarType.INT64:
+      if (longAsString) {
+        return (reader) => String(reader.int64());
+      }
+      return (reader) => reader.int64();
+    case ScalarType.UINT64:
+      if (longAsString) {
+        return (reader) => String(reader.uint64());
+      }
+      return (reader) => reader.uint64();
+    case ScalarType.FIXED64:
+      if (longAsString) {
+        return (reader) => String(reader.fixed64());
+      }
+      return (reader) => reader.fixed64();
+    case ScalarType.BYTES:
+      return (reader) => reader.bytes();
+    case ScalarType.FIXED32:
+      return (reader) => reader.fixed32();
+    case ScalarType.SFIXED32:
+      return (reader) => reader.sfixed32();
+    case ScalarType.SFIXED64:
+      if (longAsString) {
+        return (reader) => String(reader.sfixed64());
+      }
+      return (reader) => reader.sfixed64();
+    case ScalarType.SINT64:
+      if (longAsString) {
+        return (reader) => String(reader.sint64());
+      }
+      return (reader) => reader.sint64();
+    case ScalarType.UINT32:
+      return (reader) => reader.uint32();
+    case ScalarType.SINT32:
+      return (reader) => reader.sint32();
+  }
+}
+
+// node_modules/@bufbuild/protobuf/dist/esm/codegenv2/file.js
+function fileDesc(b64, imports) {
+  var _a;
+  const root = fromBinary(FileDescriptorProtoSchema, base64Decode(b64));
+  root.messageType.forEach(restoreJsonNames);
+  root.dependency = (_a = imports === null || imports === void 0 ? void 0 : imports.map((f) => f.proto.name)) !== null && _a !== void 0 ? _a : [];
+  const reg = createEmbeddedFileRegistry(root, (protoFileName) => imports === null || imports === void 0 ? void 0 : imports.find((f) => f.proto.name === protoFileName));
+  return reg.getFile(root.name);
 }
 
 // node_modules/@bufbuild/protobuf/dist/esm/codegenv2/service.js
@@ -4323,6 +4254,61 @@ function form(onSubmit, ...children) {
     ...children
   );
 }
+function focusOn(element) {
+  if (!element.hasAttribute("tabindex") && element.tabIndex < 0) element.tabIndex = -1;
+  element.focus();
+}
+function tabs(label, all) {
+  const list = h("div", { role: "tablist", "aria-label": label });
+  const buttons = [];
+  const panels = [];
+  const select = (index, focus) => {
+    buttons.forEach((button, i) => {
+      const selected = i === index;
+      button.setAttribute("aria-selected", String(selected));
+      button.tabIndex = selected ? 0 : -1;
+      panels[i].hidden = !selected;
+    });
+    if (focus) buttons[index].focus();
+  };
+  all.forEach((tab, index) => {
+    const button = h(
+      "button",
+      {
+        type: "button",
+        role: "tab",
+        id: `tab-${tab.id}`,
+        "aria-controls": `panel-${tab.id}`,
+        onclick: () => select(index, false)
+      },
+      tab.title
+    );
+    const panel = tab.panel;
+    panel.id = `panel-${tab.id}`;
+    panel.setAttribute("role", "tabpanel");
+    panel.setAttribute("aria-labelledby", button.id);
+    panel.tabIndex = 0;
+    buttons.push(button);
+    panels.push(panel);
+    list.append(button);
+  });
+  list.addEventListener("keydown", (event) => {
+    const current = buttons.indexOf(document.activeElement);
+    if (current < 0) return;
+    const last = buttons.length - 1;
+    const to = {
+      ArrowRight: current === last ? 0 : current + 1,
+      ArrowLeft: current === 0 ? last : current - 1,
+      Home: 0,
+      End: last
+    }[event.key];
+    if (to === void 0) return;
+    event.preventDefault();
+    select(to, true);
+  });
+  select(0, false);
+  return h("div", { class: "tabs" }, list, ...panels);
+}
 
 // node_modules/@connectrpc/connect/dist/esm/code.js
 var Code;
@@ -4344,6 +4330,75 @@ var Code;
   Code2[Code2["DataLoss"] = 15] = "DataLoss";
   Code2[Code2["Unauthenticated"] = 16] = "Unauthenticated";
 })(Code || (Code = {}));
+
+// node_modules/@bufbuild/protobuf/dist/esm/wkt/google/protobuf/timestamp_pb.js
+var file_google_protobuf_timestamp = /* @__PURE__ */ fileDesc("Ch9nb29nbGUvcHJvdG9idWYvdGltZXN0YW1wLnByb3RvEg9nb29nbGUucHJvdG9idWYiKwoJVGltZXN0YW1wEg8KB3NlY29uZHMYASABKAMSDQoFbmFub3MYAiABKAVChQEKE2NvbS5nb29nbGUucHJvdG9idWZCDlRpbWVzdGFtcFByb3RvUAFaMmdvb2dsZS5nb2xhbmcub3JnL3Byb3RvYnVmL3R5cGVzL2tub3duL3RpbWVzdGFtcHBi+AEBogIDR1BCqgIeR29vZ2xlLlByb3RvYnVmLldlbGxLbm93blR5cGVzYgZwcm90bzM");
+
+// node_modules/@bufbuild/protobuf/dist/esm/wkt/timestamp.js
+function timestampDate(timestamp) {
+  return new Date(timestampMs(timestamp));
+}
+function timestampMs(timestamp) {
+  return Number(timestamp.seconds) * 1e3 + Math.round(timestamp.nanos / 1e6);
+}
+
+// node_modules/@bufbuild/protobuf/dist/esm/wkt/google/protobuf/duration_pb.js
+var file_google_protobuf_duration = /* @__PURE__ */ fileDesc("Ch5nb29nbGUvcHJvdG9idWYvZHVyYXRpb24ucHJvdG8SD2dvb2dsZS5wcm90b2J1ZiIqCghEdXJhdGlvbhIPCgdzZWNvbmRzGAEgASgDEg0KBW5hbm9zGAIgASgFQoMBChNjb20uZ29vZ2xlLnByb3RvYnVmQg1EdXJhdGlvblByb3RvUAFaMWdvb2dsZS5nb2xhbmcub3JnL3Byb3RvYnVmL3R5cGVzL2tub3duL2R1cmF0aW9ucGL4AQGiAgNHUEKqAh5Hb29nbGUuUHJvdG9idWYuV2VsbEtub3duVHlwZXNiBnByb3RvMw");
+
+// node_modules/@bufbuild/protobuf/dist/esm/wkt/google/protobuf/any_pb.js
+var file_google_protobuf_any = /* @__PURE__ */ fileDesc("Chlnb29nbGUvcHJvdG9idWYvYW55LnByb3RvEg9nb29nbGUucHJvdG9idWYiJgoDQW55EhAKCHR5cGVfdXJsGAEgASgJEg0KBXZhbHVlGAIgASgMQnYKE2NvbS5nb29nbGUucHJvdG9idWZCCEFueVByb3RvUAFaLGdvb2dsZS5nb2xhbmcub3JnL3Byb3RvYnVmL3R5cGVzL2tub3duL2FueXBiogIDR1BCqgIeR29vZ2xlLlByb3RvYnVmLldlbGxLbm93blR5cGVzYgZwcm90bzM");
+var AnySchema = /* @__PURE__ */ messageDesc(file_google_protobuf_any, 0);
+
+// node_modules/@bufbuild/protobuf/dist/esm/wkt/any.js
+function anyPack(schema, message, into) {
+  let ret = false;
+  if (!into) {
+    into = create(AnySchema);
+    ret = true;
+  }
+  into.value = toBinary(schema, message);
+  into.typeUrl = typeNameToUrl(message.$typeName);
+  return ret ? into : void 0;
+}
+function anyIs(any, descOrTypeName) {
+  if (any.typeUrl === "") {
+    return false;
+  }
+  const want = typeof descOrTypeName == "string" ? descOrTypeName : descOrTypeName.typeName;
+  const got = typeUrlToName(any.typeUrl);
+  return want === got;
+}
+function anyUnpack(any, registryOrMessageDesc) {
+  if (any.typeUrl === "") {
+    return void 0;
+  }
+  const desc = registryOrMessageDesc.kind == "message" ? registryOrMessageDesc : registryOrMessageDesc.getMessage(typeUrlToName(any.typeUrl));
+  if (!desc || !anyIs(any, desc)) {
+    return void 0;
+  }
+  return fromBinary(desc, any.value);
+}
+function typeNameToUrl(name) {
+  return `type.googleapis.com/${name}`;
+}
+function typeUrlToName(url) {
+  const slash = url.lastIndexOf("/");
+  const name = slash >= 0 ? url.substring(slash + 1) : url;
+  if (!name.length) {
+    throw new Error(`invalid type url: ${url}`);
+  }
+  return name;
+}
+
+// node_modules/@bufbuild/protobuf/dist/esm/wkt/google/protobuf/struct_pb.js
+var file_google_protobuf_struct = /* @__PURE__ */ fileDesc("Chxnb29nbGUvcHJvdG9idWYvc3RydWN0LnByb3RvEg9nb29nbGUucHJvdG9idWYihAEKBlN0cnVjdBIzCgZmaWVsZHMYASADKAsyIy5nb29nbGUucHJvdG9idWYuU3RydWN0LkZpZWxkc0VudHJ5GkUKC0ZpZWxkc0VudHJ5EgsKA2tleRgBIAEoCRIlCgV2YWx1ZRgCIAEoCzIWLmdvb2dsZS5wcm90b2J1Zi5WYWx1ZToCOAEi6gEKBVZhbHVlEjAKCm51bGxfdmFsdWUYASABKA4yGi5nb29nbGUucHJvdG9idWYuTnVsbFZhbHVlSAASFgoMbnVtYmVyX3ZhbHVlGAIgASgBSAASFgoMc3RyaW5nX3ZhbHVlGAMgASgJSAASFAoKYm9vbF92YWx1ZRgEIAEoCEgAEi8KDHN0cnVjdF92YWx1ZRgFIAEoCzIXLmdvb2dsZS5wcm90b2J1Zi5TdHJ1Y3RIABIwCgpsaXN0X3ZhbHVlGAYgASgLMhouZ29vZ2xlLnByb3RvYnVmLkxpc3RWYWx1ZUgAQgYKBGtpbmQiMwoJTGlzdFZhbHVlEiYKBnZhbHVlcxgBIAMoCzIWLmdvb2dsZS5wcm90b2J1Zi5WYWx1ZSobCglOdWxsVmFsdWUSDgoKTlVMTF9WQUxVRRAAQn8KE2NvbS5nb29nbGUucHJvdG9idWZCC1N0cnVjdFByb3RvUAFaL2dvb2dsZS5nb2xhbmcub3JnL3Byb3RvYnVmL3R5cGVzL2tub3duL3N0cnVjdHBi+AEBogIDR1BCqgIeR29vZ2xlLlByb3RvYnVmLldlbGxLbm93blR5cGVzYgZwcm90bzM");
+var StructSchema = /* @__PURE__ */ messageDesc(file_google_protobuf_struct, 0);
+var ValueSchema = /* @__PURE__ */ messageDesc(file_google_protobuf_struct, 1);
+var ListValueSchema = /* @__PURE__ */ messageDesc(file_google_protobuf_struct, 2);
+var NullValue;
+(function(NullValue2) {
+  NullValue2[NullValue2["NULL_VALUE"] = 0] = "NULL_VALUE";
+})(NullValue || (NullValue = {}));
 
 // node_modules/@bufbuild/protobuf/dist/esm/extensions.js
 function getExtension(message, extension, options) {
@@ -4493,8 +4548,8 @@ function writeOwnKeys(writeField2) {
   return (opts, message, json) => {
     const tmp = /* @__PURE__ */ Object.create(null);
     writeField2(opts, message, tmp);
-    for (const key of Object.keys(tmp)) {
-      setOwn(json, key, tmp[key]);
+    for (const key2 of Object.keys(tmp)) {
+      setOwn(json, key2, tmp[key2]);
     }
   };
 }
@@ -4686,8 +4741,8 @@ function compileMapValue(field2) {
     }
     const jsonObject = {};
     for (let i = 0; i < keys.length; i++) {
-      const key = keys[i];
-      setOwn(jsonObject, key, writeMapValue(opts, record[key]));
+      const key2 = keys[i];
+      setOwn(jsonObject, key2, writeMapValue(opts, record[key2]));
     }
     return jsonObject;
   };
@@ -4882,8 +4937,8 @@ function structToJson(val) {
   const json = {};
   const keys = Object.keys(val.fields);
   for (let i = 0; i < keys.length; i++) {
-    const key = keys[i];
-    setOwn(json, key, valueToJson(val.fields[key]));
+    const key2 = keys[i];
+    setOwn(json, key2, valueToJson(val.fields[key2]));
   }
   return json;
 }
@@ -5326,11 +5381,11 @@ function compileMapFieldReader2(field2) {
     for (let i = 0; i < jsonMapKeys.length; i++) {
       const jsonMapKey = jsonMapKeys[i];
       const jsonMapValue = json[jsonMapKey];
-      const key = parseMapKey(jsonMapKey);
-      if (seen.has(key)) {
+      const key2 = parseMapKey(jsonMapKey);
+      if (seen.has(key2)) {
         throw new FieldError(field2, `duplicate map key "${jsonMapKey}"`);
       }
-      seen.add(key);
+      seen.add(key2);
       if (jsonMapValue === null && nullResets) {
         throw new FieldError(field2, "map value must not be null");
       }
@@ -5338,17 +5393,17 @@ function compileMapFieldReader2(field2) {
       if (value === tokenIgnoredUnknownEnum) {
         continue;
       }
-      const checkKey = checkMapKey(key);
+      const checkKey = checkMapKey(key2);
       if (checkKey !== true) {
-        throw new FieldError(field2, `invalid map key: ${reasonSingular({ scalar: mapKey }, key, checkKey)}`);
+        throw new FieldError(field2, `invalid map key: ${reasonSingular({ scalar: mapKey }, key2, checkKey)}`);
       }
       if (checkValue !== void 0) {
         const check = checkValue(value);
         if (check !== true) {
-          throw new FieldError(field2, `map entry ${formatVal(key)}: ${reasonSingular(field2, value, check)}`);
+          throw new FieldError(field2, `map entry ${formatVal(key2)}: ${reasonSingular(field2, value, check)}`);
         }
       }
-      setOwn(record, key, toLocalValue(value));
+      setOwn(record, key2, toLocalValue(value));
     }
   };
 }
@@ -5639,9 +5694,9 @@ function anyFromJson(any, json, ctx) {
     compiledReader2(desc)(message, json.value, ctx);
   } else {
     const copy = {};
-    for (const key of Object.keys(json)) {
-      if (key !== "@type") {
-        setOwn(copy, key, json[key]);
+    for (const key2 of Object.keys(json)) {
+      if (key2 !== "@type") {
+        setOwn(copy, key2, json[key2]);
       }
     }
     compiledReader2(desc)(message, copy, ctx);
@@ -5714,10 +5769,10 @@ function structFromJson(struct, json, ctx) {
   }
   const keys = Object.keys(json);
   for (let i = 0; i < keys.length; i++) {
-    const key = keys[i];
+    const key2 = keys[i];
     const parsedValue = create(ValueSchema);
-    valueFromJson(parsedValue, json[key], ctx);
-    setOwn(struct.fields, key, parsedValue);
+    valueFromJson(parsedValue, json[key2], ctx);
+    setOwn(struct.fields, key2, parsedValue);
   }
 }
 function valueFromJson(value, json, ctx) {
@@ -6293,15 +6348,15 @@ function getAbortSignalReason(signal) {
 // node_modules/@connectrpc/connect/dist/esm/context-values.js
 function createContextValues() {
   return {
-    get(key) {
-      return key.id in this ? this[key.id] : key.defaultValue;
+    get(key2) {
+      return key2.id in this ? this[key2.id] : key2.defaultValue;
     },
-    set(key, value) {
-      this[key.id] = value;
+    set(key2, value) {
+      this[key2.id] = value;
       return this;
     },
-    delete(key) {
-      delete this[key.id];
+    delete(key2) {
+      delete this[key2.id];
       return this;
     }
   };
@@ -6655,8 +6710,8 @@ function assertFetchApi() {
 function validateTrailer(trailer, header2) {
   const err = findTrailerError(trailer);
   if (err) {
-    header2.forEach((value, key) => {
-      err.metadata.append(key, value);
+    header2.forEach((value, key2) => {
+      err.metadata.append(key2, value);
     });
     throw err;
   }
@@ -6867,7 +6922,7 @@ function createGrpcWebTransport(options) {
               trailerReceived = true;
               const trailer = trailerParse(data);
               validateTrailer(trailer, header3);
-              trailer.forEach((value, key) => trailerTarget.set(key, value));
+              trailer.forEach((value, key2) => trailerTarget.set(key2, value));
               continue;
             }
             if (trailerReceived) {
@@ -6935,9 +6990,37 @@ var TwoFactorService = /* @__PURE__ */ serviceDesc(file_twofactor_v1_twofactor_s
 
 // src/session.ts
 var KEY = "twofactor.session";
+var sessionEnded = () => void 0;
+function onSessionEnded(handler) {
+  sessionEnded = handler;
+}
+function whyEnded(session) {
+  if (session.expiresAt && Date.now() >= session.expiresAt) {
+    const at = new Date(session.expiresAt).toLocaleTimeString();
+    return `Your session expired at ${at}. Sign in again.`;
+  }
+  return "Your session has ended: it was idle too long, was signed out elsewhere, or was ended when your secret key was reset. Sign in again.";
+}
+var watchSession = (next) => async (request) => {
+  try {
+    return await next(request);
+  } catch (error) {
+    const failure = ConnectError.from(error);
+    const session = currentSession();
+    if (session !== null && request.header.has("authorization") && failure.code === Code.Unauthenticated && failure.findDetails(ErrorInfoSchema)[0]?.reason === "UNAUTHENTICATED") {
+      forgetSession();
+      sessionEnded(whyEnded(session));
+    }
+    throw error;
+  }
+};
 var client = createClient(
   TwoFactorService,
-  createGrpcWebTransport({ baseUrl: window.location.origin, useBinaryFormat: true })
+  createGrpcWebTransport({
+    baseUrl: window.location.origin,
+    useBinaryFormat: true,
+    interceptors: [watchSession]
+  })
 );
 function currentSession() {
   const stored = sessionStorage.getItem(KEY);
@@ -6952,6 +7035,84 @@ function forgetSession() {
 function authorization() {
   const session = currentSession();
   return session ? { authorization: `Bearer ${session.token}` } : {};
+}
+
+// src/accounts.ts
+function createAccountScreen(root, created) {
+  const username = field("Username", { autocomplete: "off", required: true, maxlength: "256" });
+  const password = field("Initial password", {
+    type: "password",
+    autocomplete: "new-password",
+    required: true,
+    minlength: "12",
+    maxlength: "1024",
+    "aria-describedby": "password-hint"
+  });
+  const hint = h(
+    "p",
+    { id: "password-hint", class: "note" },
+    "12 to 1024 characters. Give it to the user by a channel of its own."
+  );
+  const kindChoice = (value, label, checked) => {
+    const input = h("input", { type: "radio", name: "kind", value, checked });
+    input.addEventListener("change", () => {
+      const internal = kind() === "internal";
+      passwordPart.hidden = !internal;
+      password.input.required = internal;
+    });
+    return h("label", { class: "choice" }, input, ` ${label}`);
+  };
+  const kinds = h(
+    "fieldset",
+    {},
+    h("legend", {}, "Kind"),
+    kindChoice("internal", "Internal: the password is held by this service", true),
+    kindChoice("domain", "Domain: the credentials live in the directory", false)
+  );
+  const kind = () => kinds.querySelector("input[name=kind]:checked")?.value ?? "internal";
+  const passwordPart = h("div", {}, password.row, hint);
+  const protect = h("input", { type: "checkbox", name: "protected" });
+  const problems = h("div", { class: "problems" });
+  show(
+    root,
+    h("h1", {}, "Create account"),
+    form(
+      async () => {
+        problems.replaceChildren();
+        const internal = kind() === "internal";
+        const name = username.input.value.trim();
+        try {
+          await client.createAccount(
+            {
+              username: name,
+              kind: internal ? 1 /* INTERNAL */ : 2 /* DOMAIN */,
+              password: internal ? password.input.value : "",
+              protected: protect.checked
+            },
+            { headers: authorization() }
+          );
+          created(
+            name,
+            `The account ${name} is created. It is on the two-factor authentication allowlist: it sets up its key at its first sign-in.`
+          );
+        } catch (error) {
+          problems.replaceChildren(refusalView(error));
+        }
+      },
+      username.row,
+      kinds,
+      passwordPart,
+      h("label", { class: "choice" }, protect, " Protect against unauthorized modification"),
+      problems,
+      h(
+        "div",
+        { class: "buttons" },
+        h("a", { href: "#/users", class: "action secondary" }, "Cancel"),
+        h("button", { type: "submit" }, "Create")
+      )
+    )
+  );
+  username.input.focus();
 }
 
 // src/audit.ts
@@ -7074,34 +7235,91 @@ function mayCall(actor2, rpc, own = false) {
   if (policy.requireTwoFactor && actor2.state !== 1 /* ENROLLED */) return false;
   return true;
 }
+function knownRights() {
+  const found = /* @__PURE__ */ new Map();
+  for (const method of TwoFactorService.methods) {
+    const right = getOption(method, access_policy).requiredRight;
+    if (right === void 0) continue;
+    found.set(`${right.functionalArea}\0${right.permission}`, {
+      functionalArea: right.functionalArea,
+      permission: right.permission
+    });
+  }
+  return [...found.values()];
+}
+var PERMISSION_NAMES = {
+  MODIFY_OBJECT_ACLS: "Modify object ACLs",
+  VERIFY_CODES: "Verify codes",
+  VOUCH_DOMAIN_SIGN_IN: "Vouch for domain sign-ins"
+};
+function permissionName(permission) {
+  return PERMISSION_NAMES[permission] ?? permission;
+}
+function rightName(right) {
+  return `${permissionName(right.permission)} (${right.functionalArea})`;
+}
 
 // src/dialogs.ts
 var Cancelled = class extends Error {
 };
+var FOCUSABLE = 'button:not([disabled]), input:not([disabled]):not([type="hidden"]), select:not([disabled]), textarea:not([disabled]), a[href], [tabindex]:not([tabindex="-1"])';
+var windows = 0;
 function modal(title, ...body) {
-  const dialog = h("dialog", { "aria-label": title }, h("h2", {}, title), ...body);
+  windows += 1;
+  const heading = h("h2", { id: `dialog-${windows}` }, title);
+  const dialog = h("dialog", { "aria-labelledby": heading.id }, heading, ...body);
+  const opener = document.activeElement instanceof HTMLElement ? document.activeElement : null;
+  dialog.addEventListener("keydown", (event) => {
+    if (event.key !== "Tab") return;
+    const inside = [...dialog.querySelectorAll(FOCUSABLE)].filter(
+      (element) => !element.closest("[hidden]")
+    );
+    if (inside.length === 0) return;
+    const first = inside[0];
+    const last = inside[inside.length - 1];
+    if (event.shiftKey && document.activeElement === first) {
+      event.preventDefault();
+      last.focus();
+    } else if (!event.shiftKey && document.activeElement === last) {
+      event.preventDefault();
+      first.focus();
+    }
+  });
   document.body.appendChild(dialog);
-  dialog.addEventListener("close", () => dialog.remove());
+  dialog.addEventListener("close", () => {
+    dialog.remove();
+    if (opener?.isConnected) opener.focus();
+  });
   dialog.showModal();
   return dialog;
 }
 function confirmAction(title, text, action) {
   return new Promise((resolve) => {
     let confirmed = false;
+    const cancel = h("button", { type: "button", onclick: () => dialog.close() }, "Cancel");
     const dialog = modal(
       title,
       h("p", {}, text),
       h(
         "div",
         { class: "buttons" },
-        h("button", { type: "button", class: "danger", onclick: () => {
-          confirmed = true;
-          dialog.close();
-        } }, action),
-        h("button", { type: "button", onclick: () => dialog.close() }, "Cancel")
+        cancel,
+        h(
+          "button",
+          {
+            type: "button",
+            class: "danger",
+            onclick: () => {
+              confirmed = true;
+              dialog.close();
+            }
+          },
+          action
+        )
       )
     );
     dialog.addEventListener("close", () => resolve(confirmed));
+    cancel.focus();
   });
 }
 function askForProof(actor2, failure) {
@@ -7133,8 +7351,8 @@ function askForProof(actor2, failure) {
         h(
           "div",
           { class: "buttons" },
-          h("button", { type: "submit" }, "OK"),
-          h("button", { type: "button", onclick: () => dialog.close() }, "Cancel")
+          h("button", { type: "button", onclick: () => dialog.close() }, "Cancel"),
+          h("button", { type: "submit" }, "OK")
         )
       )
     );
@@ -7164,9 +7382,9 @@ async function withProtection(actor2, call) {
 }
 
 // src/keys.ts
-function pendingKeyView(key, apply, heading = "Two-factor authentication") {
+function pendingKeyView(key2, apply, heading = "Two-factor authentication") {
   const picture = URL.createObjectURL(
-    new Blob([key.qrCodePng], { type: "image/png" })
+    new Blob([key2.qrCodePng], { type: "image/png" })
   );
   const code = field("Code from the authenticator app", {
     inputmode: "numeric",
@@ -7174,8 +7392,85 @@ function pendingKeyView(key, apply, heading = "Two-factor authentication") {
     required: true
   });
   const problems = h("div", { class: "problems" });
-  const grouped = key.secretBase32.replace(/(.{4})/g, "$1 ").trim();
-  const expires = key.expireTime ? new Date(Number(key.expireTime.seconds) * 1e3).toLocaleTimeString() : "";
+  const grouped = key2.secretBase32.replace(/(.{4})/g, "$1 ").trim();
+  const expires = key2.expireTime ? new Date(Number(key2.expireTime.seconds) * 1e3).toLocaleTimeString() : "";
+  const qrHeading = h("h3", {}, "Scan the QR code");
+  const qrStep = h(
+    "div",
+    { class: "step", hidden: true },
+    qrHeading,
+    h("img", { class: "qr", src: picture, alt: "QR code of the new secret key" }),
+    h(
+      "dl",
+      {},
+      h("dt", {}, "Secret key (for manual entry)"),
+      h("dd", { class: "secret" }, grouped),
+      h("dt", {}, "Parameters"),
+      h("dd", {}, `${key2.algorithm}, ${key2.digits} digits, every ${key2.periodSeconds} s`),
+      h("dt", {}, "Expires"),
+      h("dd", {}, expires)
+    ),
+    form(
+      async () => {
+        problems.replaceChildren();
+        try {
+          await apply(code.input.value.trim());
+          URL.revokeObjectURL(picture);
+        } catch (error) {
+          problems.replaceChildren(refusalView(error));
+        }
+      },
+      code.row,
+      problems,
+      h("button", { type: "submit" }, "Check and apply")
+    )
+  );
+  const viewQrCode = h(
+    "button",
+    {
+      type: "button",
+      onclick: () => {
+        viewQrCode.hidden = true;
+        qrStep.hidden = false;
+        focusOn(qrHeading);
+      }
+    },
+    "View QR code"
+  );
+  const howHeading = h("h3", {}, "How to set up two-factor authentication");
+  const howStep = h(
+    "div",
+    { class: "step", hidden: true },
+    howHeading,
+    h(
+      "ol",
+      {},
+      h("li", {}, "Open an authenticator app on your mobile device (any app for TOTP codes)."),
+      h(
+        "li",
+        {},
+        "Click View QR code and scan it with the app, or type the secret key shown under it."
+      ),
+      h(
+        "li",
+        {},
+        "Enter the one-time security code the app generates and click Check and apply."
+      )
+    ),
+    viewQrCode
+  );
+  const viewHow = h(
+    "button",
+    {
+      type: "button",
+      onclick: () => {
+        viewHow.hidden = true;
+        howStep.hidden = false;
+        focusOn(howHeading);
+      }
+    },
+    "View how to set up two-factor authentication"
+  );
   return h(
     "section",
     { class: "pending-key", "aria-label": heading },
@@ -7183,28 +7478,11 @@ function pendingKeyView(key, apply, heading = "Two-factor authentication") {
     h(
       "p",
       {},
-      "Scan the QR code with the authenticator app on your mobile device, or type in the secret key. Then enter the code the app shows and click Check and apply."
+      `A new secret key is ready. Set it up in the authenticator app on your mobile device before ${expires || "it expires"}.`
     ),
-    h("img", { class: "qr", src: picture, alt: "QR code of the new secret key" }),
-    h(
-      "dl",
-      {},
-      h("dt", {}, "Secret key"),
-      h("dd", { class: "secret" }, grouped),
-      h("dt", {}, "Parameters"),
-      h("dd", {}, `${key.algorithm}, ${key.digits} digits, every ${key.periodSeconds} s`),
-      h("dt", {}, "Expires"),
-      h("dd", {}, expires)
-    ),
-    form(async () => {
-      problems.replaceChildren();
-      try {
-        await apply(code.input.value.trim());
-        URL.revokeObjectURL(picture);
-      } catch (error) {
-        problems.replaceChildren(refusalView(error));
-      }
-    }, code.row, problems, h("button", { type: "submit" }, "Check and apply"))
+    viewHow,
+    howStep,
+    qrStep
   );
 }
 
@@ -7313,16 +7591,151 @@ function recoveryCodesSection(actor2, status, refresh) {
   return section;
 }
 
+// src/rights.ts
+var key = (right) => `${right.functionalArea}\0${right.permission}`;
+function rightsSection(page) {
+  const { username, actor: actor2, status } = page;
+  const mayGrant = !page.own && mayCall(actor2, "GrantRight");
+  const mayRevoke = !page.own && mayCall(actor2, "RevokeRight");
+  const held = new Set(status.rights.map(key));
+  const grantable = knownRights().filter((right) => !held.has(key(right)));
+  const revoke = (right) => void page.act(async () => {
+    const sure = await confirmAction(
+      "Revoke right",
+      `Revoke the ${rightName(right)} right from ${username}?`,
+      "Revoke"
+    );
+    if (!sure) throw new Cancelled("not confirmed");
+    await withProtection(
+      actor2,
+      (headers) => client.revokeRight({ username, right }, { headers })
+    );
+    return `The ${rightName(right)} right is revoked from ${username}.`;
+  });
+  const rows = status.rights.map(
+    (right) => h(
+      "tr",
+      {},
+      h("td", {}, right.functionalArea),
+      h("td", {}, permissionName(right.permission)),
+      mayRevoke ? h(
+        "td",
+        {},
+        h(
+          "button",
+          {
+            type: "button",
+            "aria-label": `Revoke ${rightName(right)}`,
+            onclick: () => revoke(right)
+          },
+          "Revoke"
+        )
+      ) : null
+    )
+  );
+  const choice = h(
+    "select",
+    { id: "grant-right", required: true },
+    ...grantable.map((right) => h("option", { value: key(right) }, rightName(right)))
+  );
+  const grant = h(
+    "div",
+    {},
+    form(
+      () => page.act(async () => {
+        const right = grantable.find((r) => key(r) === choice.value);
+        if (right === void 0) throw new Cancelled("no right chosen");
+        await withProtection(
+          actor2,
+          (headers) => client.grantRight({ username, right }, { headers })
+        );
+        return `The ${rightName(right)} right is granted to ${username}.`;
+      }),
+      h("label", { class: "field", for: "grant-right" }, h("span", {}, "Right to grant"), choice),
+      h("button", { type: "submit" }, "Grant")
+    )
+  );
+  return h(
+    "section",
+    { "aria-labelledby": "rights-heading" },
+    h("h2", { id: "rights-heading" }, "Rights"),
+    rows.length ? h(
+      "table",
+      { class: "rights" },
+      h("caption", { class: "visually-hidden" }, `Rights of ${username}`),
+      h(
+        "thead",
+        {},
+        h(
+          "tr",
+          {},
+          h("th", { scope: "col" }, "Functional area"),
+          h("th", { scope: "col" }, "Right"),
+          mayRevoke ? h("th", { scope: "col" }, h("span", { class: "visually-hidden" }, "Action")) : null
+        )
+      ),
+      h("tbody", {}, ...rows)
+    ) : h("p", {}, "No rights."),
+    mayGrant && grantable.length ? grant : null
+  );
+}
+function protectionSection(page) {
+  const { username, actor: actor2, status } = page;
+  const turnTo = !status.protected;
+  return h(
+    "section",
+    { "aria-labelledby": "protection-heading" },
+    h("h2", { id: "protection-heading" }, "Protection against unauthorized modification"),
+    h(
+      "p",
+      {},
+      status.protected ? "The account is protected: changing it asks for the credentials and a code of the administrator who changes it (the Account protection window)." : "The account is not protected."
+    ),
+    mayCall(actor2, "SetAccountProtection") ? h(
+      "div",
+      { class: "buttons" },
+      h(
+        "button",
+        {
+          type: "button",
+          onclick: () => void page.act(async () => {
+            await withProtection(
+              actor2,
+              (headers) => client.setAccountProtection({ username, protected: turnTo }, { headers })
+            );
+            return turnTo ? `${username} is protected against unauthorized modification.` : `${username} is no longer protected against unauthorized modification.`;
+          })
+        },
+        turnTo ? "Turn protection on" : "Turn protection off"
+      )
+    ) : null
+  );
+}
+function rightsAndProtection(page) {
+  return [rightsSection(page), protectionSection(page)];
+}
+
 // src/users.ts
 var PAGE_SIZE2 = 20;
 function stateName(state) {
   return TwoFactorState[state] ?? "UNSPECIFIED";
 }
+function kindName(kind) {
+  return AccountKind[kind] ?? "";
+}
 function userLink(name) {
   return h("a", { href: `#/users/${encodeURIComponent(name)}` }, name);
 }
-async function usersScreen(root) {
-  const search = field("Search by name", { type: "search", autocomplete: "off" });
+var lastSearch = "";
+function forgetSearch() {
+  lastSearch = "";
+}
+async function usersScreen(root, actor2) {
+  const search = field("Search by name", {
+    type: "search",
+    autocomplete: "off",
+    value: lastSearch
+  });
   const rows = h("tbody");
   const problems = h("div", { class: "problems" });
   const previous = h("button", { type: "button", disabled: true }, "Previous page");
@@ -7331,6 +7744,7 @@ async function usersScreen(root) {
   let page = 0;
   const load = async () => {
     problems.replaceChildren();
+    lastSearch = search.input.value;
     try {
       const answer = await client.listAccounts(
         { usernamePrefix: search.input.value.trim(), pageSize: PAGE_SIZE2, pageToken: tokens[page] },
@@ -7342,7 +7756,7 @@ async function usersScreen(root) {
             "tr",
             {},
             h("td", {}, userLink(account.username)),
-            h("td", {}, AccountKind[account.kind] ?? ""),
+            h("td", {}, kindName(account.kind)),
             h("td", { class: "state" }, stateName(account.state)),
             h("td", {}, account.protected ? "protected" : "")
           )
@@ -7370,19 +7784,32 @@ async function usersScreen(root) {
   show(
     root,
     h("h1", {}, "Users"),
-    form(() => {
-      tokens = [""];
-      page = 0;
-      return load();
-    }, search.row, h("button", { type: "submit" }, "Search")),
+    mayCall(actor2, "CreateAccount") ? h("p", {}, h("a", { href: "#/new-account", class: "action" }, "Create account")) : null,
+    form(
+      () => {
+        tokens = [""];
+        page = 0;
+        return load();
+      },
+      search.row,
+      h("button", { type: "submit" }, "Search")
+    ),
     problems,
     h(
       "table",
       { class: "accounts" },
+      h("caption", { class: "visually-hidden" }, "Accounts"),
       h(
         "thead",
         {},
-        h("tr", {}, h("th", {}, "Name"), h("th", {}, "Kind"), h("th", {}, "Two-factor state"), h("th", {}, "Protection"))
+        h(
+          "tr",
+          {},
+          h("th", { scope: "col" }, "Name"),
+          h("th", { scope: "col" }, "Kind"),
+          h("th", { scope: "col" }, "Two-factor state"),
+          h("th", { scope: "col" }, "Protection")
+        )
       ),
       rows
     ),
@@ -7397,30 +7824,144 @@ function statusList(status) {
     "dl",
     { class: "status" },
     ...row("State", stateName(status.state)),
-    ...row("Kind", AccountKind[status.kind] ?? ""),
+    ...row("Kind", kindName(status.kind)),
     ...row("Secret key created", when(status.keyCreateTime)),
     ...row("On the 2FA allowlist", status.allowlisted ? "yes" : "no"),
     ...row("On the exclusion list", status.excluded ? "yes" : "no"),
-    ...row(
-      "Protected against unauthorized modification",
-      status.protected ? "yes" : "no"
-    ),
+    ...row("Protected against unauthorized modification", status.protected ? "yes" : "no"),
     ...row("Consecutive failures", String(status.consecutiveFailures)),
     ...row("Locked until", when(status.lockedUntil)),
     ...row("Recovery codes left", String(status.recoveryCodesRemaining))
   );
 }
-async function userScreen(root, username, actor2, refreshActor) {
+function regenerateSection(page) {
+  if (!mayCall(page.actor, "BeginRegenerateSecret", true)) return null;
+  const regenerate = async () => {
+    try {
+      const begun = await withProtection(
+        page.actor,
+        (headers) => client.beginRegenerateSecret({}, { headers })
+      );
+      const panel = pendingKeyView(begun.pendingKey, async (code) => {
+        await withProtection(
+          page.actor,
+          (headers) => client.confirmRegenerateSecret({ code }, { headers })
+        );
+        await page.refreshActor();
+        page.done("The secret key for your account is changed.");
+        await page.render();
+      });
+      page.replaceTab(
+        panel,
+        h(
+          "div",
+          { class: "buttons" },
+          h("button", { type: "button", onclick: () => void page.render() }, "Cancel")
+        )
+      );
+      focusOn(panel.querySelector("h2"));
+    } catch (error) {
+      if (!(error instanceof Cancelled)) throw error;
+    }
+  };
+  return h(
+    "div",
+    { class: "buttons" },
+    h(
+      "button",
+      {
+        type: "button",
+        onclick: () => void page.act(async () => {
+          await regenerate();
+          return "";
+        })
+      },
+      "Regenerate secret key"
+    )
+  );
+}
+function resetAndDeleteSection(page) {
+  const { username, actor: actor2, status } = page;
+  const buttons = [];
+  if (mayCall(actor2, "ResetSecret")) {
+    buttons.push(
+      h(
+        "button",
+        {
+          type: "button",
+          onclick: () => void page.act(async () => {
+            const sure = await confirmAction(
+              "Reset secret key",
+              `Reset the secret key of ${username}? The key is deleted and the account is added to the two-factor authentication allowlist: it sets up a new key at its next sign-in.`,
+              "Reset"
+            );
+            if (!sure) throw new Cancelled("not confirmed");
+            await withProtection(
+              actor2,
+              (headers) => client.resetSecret({ username }, { headers })
+            );
+            return `The secret key of ${username} is reset.`;
+          })
+        },
+        "Reset secret key"
+      )
+    );
+  }
+  if (status.kind === 1 /* INTERNAL */ && mayCall(actor2, "DeleteSecret")) {
+    buttons.push(
+      h(
+        "button",
+        {
+          type: "button",
+          class: "danger",
+          onclick: () => void page.act(async () => {
+            const sure = await confirmAction(
+              "Delete secret key",
+              `Delete the secret key of ${username}? The account is blocked from signing in until it is added to the two-factor authentication allowlist.`,
+              "Delete"
+            );
+            if (!sure) throw new Cancelled("not confirmed");
+            await withProtection(
+              actor2,
+              (headers) => client.deleteSecret({ username }, { headers })
+            );
+            return `The secret key of ${username} is deleted.`;
+          })
+        },
+        "Delete secret key"
+      )
+    );
+  }
+  return buttons.length ? h("div", { class: "buttons" }, ...buttons) : null;
+}
+function recoverySection(page) {
+  if (page.status.state !== 1 /* ENROLLED */) return null;
+  if (!mayCall(page.actor, "GenerateRecoveryCodes", true)) return null;
+  return recoveryCodesSection(page.actor, page.status, () => void page.render());
+}
+var OWN_PAGE_PARTS = [
+  regenerateSection,
+  recoverySection
+];
+var OTHER_PAGE_PARTS = [resetAndDeleteSection];
+async function userScreen(root, username, actor2, refreshActor, notice) {
   const own = username.toLowerCase() === actor2.username.toLowerCase();
-  const tab = h("section", { class: "tab", "aria-label": "Two-factor authentication" });
+  const twoFactorTab = h("div", { class: "tab" });
+  const rightsTab = h("div", { class: "tab" });
   const notices = h("div", { class: "problems" });
+  const done = (text) => {
+    if (text) notices.replaceChildren(h("p", { class: "done", role: "status" }, text));
+  };
   show(
     root,
     h("h1", {}, username),
-    h("nav", { class: "tabs" }, h("span", { class: "current" }, "Two-factor authentication")),
     notices,
-    tab
+    tabs("User properties", [
+      { id: "two-factor", title: "Two-factor authentication", panel: twoFactorTab },
+      { id: "rights", title: "Rights and protection", panel: rightsTab }
+    ])
   );
+  if (notice) done(notice);
   const render = async () => {
     let status;
     try {
@@ -7430,101 +7971,36 @@ async function userScreen(root, username, actor2, refreshActor) {
       );
       status = answer.status;
     } catch (error) {
-      show(tab, refusalView(error));
+      show(twoFactorTab, refusalView(error));
+      rightsTab.replaceChildren();
       return;
     }
-    const act = async (work) => {
-      notices.replaceChildren();
-      try {
-        notices.replaceChildren(h("p", { class: "done", role: "status" }, await work()));
-        await render();
-      } catch (error) {
-        if (!(error instanceof Cancelled)) notices.replaceChildren(refusalView(error));
+    const page = {
+      username,
+      own,
+      status,
+      actor: actor2,
+      render,
+      done,
+      refreshActor,
+      replaceTab: (...content) => show(twoFactorTab, ...content),
+      act: async (work) => {
+        notices.replaceChildren();
+        try {
+          const result = await work();
+          if (result) {
+            done(result);
+            await render();
+            focusOn(notices);
+          }
+        } catch (error) {
+          if (!(error instanceof Cancelled)) notices.replaceChildren(refusalView(error));
+        }
       }
     };
-    const buttons = [];
-    if (own && mayCall(actor2, "BeginRegenerateSecret", true)) {
-      buttons.push(
-        h("button", { type: "button", onclick: () => void regenerate() }, "Regenerate secret key")
-      );
-    }
-    if (!own && mayCall(actor2, "ResetSecret")) {
-      buttons.push(
-        h(
-          "button",
-          {
-            type: "button",
-            onclick: () => void act(async () => {
-              const sure = await confirmAction(
-                "Reset secret key",
-                `Reset the secret key of ${username}? The key is deleted and the account is added to the two-factor authentication allowlist: it sets up a new key at its next sign-in.`,
-                "Reset"
-              );
-              if (!sure) throw new Cancelled("not confirmed");
-              await withProtection(
-                actor2,
-                (headers) => client.resetSecret({ username }, { headers })
-              );
-              return `The secret key of ${username} is reset.`;
-            })
-          },
-          "Reset secret key"
-        )
-      );
-    }
-    if (!own && status.kind === 1 /* INTERNAL */ && mayCall(actor2, "DeleteSecret")) {
-      buttons.push(
-        h(
-          "button",
-          {
-            type: "button",
-            class: "danger",
-            onclick: () => void act(async () => {
-              const sure = await confirmAction(
-                "Delete secret key",
-                `Delete the secret key of ${username}? The account is blocked from signing in until it is added to the two-factor authentication allowlist.`,
-                "Delete"
-              );
-              if (!sure) throw new Cancelled("not confirmed");
-              await withProtection(
-                actor2,
-                (headers) => client.deleteSecret({ username }, { headers })
-              );
-              return `The secret key of ${username} is deleted.`;
-            })
-          },
-          "Delete secret key"
-        )
-      );
-    }
-    const recovery = own && status.state === 1 /* ENROLLED */ && mayCall(actor2, "GenerateRecoveryCodes", true) ? recoveryCodesSection(actor2, status, () => void render()) : null;
-    show(tab, statusList(status), h("div", { class: "buttons" }, ...buttons), recovery);
-    async function regenerate() {
-      notices.replaceChildren();
-      try {
-        const begun = await withProtection(
-          actor2,
-          (headers) => client.beginRegenerateSecret({}, { headers })
-        );
-        show(
-          tab,
-          pendingKeyView(begun.pendingKey, async (code) => {
-            await withProtection(
-              actor2,
-              (headers) => client.confirmRegenerateSecret({ code }, { headers })
-            );
-            await refreshActor();
-            notices.replaceChildren(
-              h("p", { class: "done", role: "status" }, "The secret key for your account is changed.")
-            );
-            await render();
-          }),
-          h("div", { class: "buttons" }, h("button", { type: "button", onclick: () => void render() }, "Cancel"))
-        );
-      } catch (error) {
-        if (!(error instanceof Cancelled)) notices.replaceChildren(refusalView(error));
-      }
-    }
+    const parts = (own ? OWN_PAGE_PARTS : OTHER_PAGE_PARTS).map((part) => part(page));
+    show(twoFactorTab, statusList(status), ...parts);
+    show(rightsTab, ...rightsAndProtection(page));
   };
   await render();
 }
@@ -7604,7 +8080,23 @@ function listSection(name, actor2) {
     { class: "list", "aria-label": calls.title },
     h("h2", {}, calls.title),
     h("p", {}, calls.explanation),
-    h("table", {}, h("thead", {}, h("tr", {}, h("th", {}, "Name"), h("th", {}, "State"), h("th", {}, ""))), rows),
+    h(
+      "table",
+      {},
+      h("caption", { class: "visually-hidden" }, calls.title),
+      h(
+        "thead",
+        {},
+        h(
+          "tr",
+          {},
+          h("th", { scope: "col" }, "Name"),
+          h("th", { scope: "col" }, "State"),
+          h("th", { scope: "col" }, h("span", { class: "visually-hidden" }, "Action"))
+        )
+      ),
+      rows
+    ),
     mayCall(actor2, calls.addRpc) ? form(
       async () => {
         if (await act((headers) => calls.add(newName.input.value.trim(), headers))) {
@@ -7618,6 +8110,11 @@ function listSection(name, actor2) {
   );
   load().catch((error) => problems.replaceChildren(refusalView(error)));
   return section;
+}
+function tolerance(steps, periodSeconds) {
+  if (steps === 0) return "Only the current code is accepted.";
+  const which = steps === 1 ? "the code just before and just after" : `up to ${steps} codes before and after`;
+  return `Besides the current code, ${which} it are accepted, for clocks up to ${steps * periodSeconds} s apart.`;
 }
 async function settingsScreen(root, actor2) {
   const general = h("section", { "aria-label": "General" }, h("h2", {}, "General"));
@@ -7653,7 +8150,7 @@ async function settingsScreen(root, actor2) {
       h(
         "p",
         { class: "note" },
-        `New keys: ${settings.totpAlgorithm}, ${settings.totpDigits} digits, every ${settings.totpPeriodSeconds} s, ±${settings.totpValidWindow} steps accepted (the server's configuration).`
+        `New keys: ${settings.totpAlgorithm}, ${settings.totpDigits} digits, a new code every ${settings.totpPeriodSeconds} s. ${tolerance(settings.totpValidWindow, settings.totpPeriodSeconds)} (The server's configuration.)`
       )
     );
   } catch (error) {
@@ -7662,6 +8159,12 @@ async function settingsScreen(root, actor2) {
 }
 
 // src/signin.ts
+var SessionEnded = class {
+  constructor(why) {
+    this.why = why;
+  }
+  why;
+};
 function signInScreen(root, signedIn, notice) {
   const username = field("Username", { autocomplete: "username", required: true });
   const password = field("Password", {
@@ -7674,10 +8177,19 @@ function signInScreen(root, signedIn, notice) {
     autocomplete: "one-time-code"
   });
   code.row.hidden = true;
-  const problems = h("div", { class: "problems" }, notice ? refusalView(notice) : null);
+  const prompt = h("p", { class: "prompt", role: "status" });
+  const problems = h(
+    "div",
+    { class: "problems" },
+    notice instanceof SessionEnded ? h("p", { class: "notice", role: "alert" }, notice.why) : typeof notice === "string" ? h("p", { class: "notice", role: "status" }, notice) : notice ? refusalView(notice) : null
+  );
   const opened = (session) => {
     if (!session) throw new Error("the server opened no session");
-    keepSession({ token: session.token, username: username.input.value.trim() });
+    keepSession({
+      token: session.token,
+      username: username.input.value.trim(),
+      expiresAt: session.expireTime ? timestampDate(session.expireTime).getTime() : 0
+    });
     signedIn();
   };
   const submit = async () => {
@@ -7686,18 +8198,20 @@ function signInScreen(root, signedIn, notice) {
       const answer = await client.signIn({
         username: username.input.value.trim(),
         password: password.input.value,
-        code: code.row.hidden ? "" : code.input.value.trim()
+        code: code.input.value.trim()
       });
       if (answer.outcome === 2 /* ENROLLMENT_REQUIRED */ && answer.enrollment) {
         const ticket = answer.enrollment.enrollmentTicket;
+        const heading = h("h1", {}, "First sign-in: set up two-factor authentication");
         show(
           root,
-          h("h1", {}, "First sign-in: set up two-factor authentication"),
+          heading,
           pendingKeyView(answer.enrollment.pendingKey, async (value) => {
             const done = await client.completeEnrollment({ enrollmentTicket: ticket, code: value });
             opened(done.session);
           })
         );
+        focusOn(heading);
         return;
       }
       opened(answer.session);
@@ -7705,7 +8219,9 @@ function signInScreen(root, signedIn, notice) {
       if (reasonOf(error) === "CODE_REQUIRED" && code.row.hidden) {
         code.row.hidden = false;
         code.input.required = true;
+        prompt.textContent = "Enter the code from your authenticator app, then Sign in.";
         code.input.focus();
+        return;
       }
       problems.replaceChildren(refusalView(error));
     }
@@ -7718,6 +8234,7 @@ function signInScreen(root, signedIn, notice) {
       username.row,
       password.row,
       code.row,
+      prompt,
       problems,
       h("button", { type: "submit" }, "Sign in")
     )
@@ -7730,22 +8247,26 @@ var header = document.getElementById("header");
 var main = document.getElementById("main");
 var actor = null;
 var leaving = new AbortController();
+var carried;
 async function loadActor() {
   const answer = await client.getAccountStatus({ username: "" }, { headers: authorization() });
   actor = answer.status;
 }
 function signedOut(notice) {
+  leaving.abort();
   forgetSession();
+  forgetSearch();
   actor = null;
   header.replaceChildren();
-  if (window.location.hash) window.location.hash = "";
+  if (window.location.hash) history.replaceState(null, "", window.location.pathname);
   signInScreen(main, () => void start(), notice);
 }
 async function signOut() {
   try {
     await client.signOut({}, { headers: authorization() });
-  } finally {
-    signedOut();
+    signedOut("You signed out.");
+  } catch (error) {
+    if (currentSession() !== null) signedOut(error);
   }
 }
 function navigation(who) {
@@ -7758,9 +8279,18 @@ function navigation(who) {
     link(`#/users/${encodeURIComponent(who.username)}`, "My account"),
     mayCall(who, "GetSettings") ? link("#/settings", "Administration Server properties") : null,
     mayCall(who, "ListAuditEvents") ? link("#/audit", "Audit log") : null,
-    h("span", { class: "who" }, who.username),
+    h("span", { class: "who" }, "Signed in as ", h("strong", {}, who.username)),
     h("button", { type: "button", onclick: () => void signOut() }, "Sign out")
   );
+}
+function markCurrent() {
+  for (const link of header.querySelectorAll("nav a")) {
+    if (link.getAttribute("href") === window.location.hash) {
+      link.setAttribute("aria-current", "page");
+    } else {
+      link.removeAttribute("aria-current");
+    }
+  }
 }
 async function route() {
   leaving.abort();
@@ -7768,20 +8298,28 @@ async function route() {
   if (actor === null) return;
   const path = window.location.hash.replace(/^#/, "");
   const user = /^\/users\/(.+)$/.exec(path);
+  const notice = carried;
+  carried = void 0;
+  markCurrent();
   try {
     if (user) {
-      await userScreen(main, decodeURIComponent(user[1]), actor, loadActor);
+      await userScreen(main, decodeURIComponent(user[1]), actor, loadActor, notice);
+    } else if (path === "/new-account" && mayCall(actor, "CreateAccount")) {
+      createAccountScreen(main, (username, sentence) => {
+        carried = sentence;
+        window.location.hash = `#/users/${encodeURIComponent(username)}`;
+      });
     } else if (path === "/settings" && mayCall(actor, "GetSettings")) {
       await settingsScreen(main, actor);
     } else if (path === "/audit" && mayCall(actor, "ListAuditEvents")) {
       await auditScreen(main, leaving.signal);
     } else if (path === "/users" && mayCall(actor, "ListAccounts")) {
-      await usersScreen(main);
+      await usersScreen(main, actor);
     } else {
       window.location.hash = mayCall(actor, "ListAccounts") ? "#/users" : `#/users/${encodeURIComponent(actor.username)}`;
     }
   } catch (error) {
-    show(main, refusalView(error));
+    if (actor !== null) show(main, refusalView(error));
   }
 }
 async function start() {
@@ -7792,9 +8330,7 @@ async function start() {
   try {
     await loadActor();
   } catch (error) {
-    if (reasonOf(error) === "UNAUTHENTICATED") {
-      signedOut();
-    } else {
+    if (reasonOf(error) !== "UNAUTHENTICATED") {
       await client.signOut({}, { headers: authorization() }).catch(() => void 0);
       signedOut(error);
     }
@@ -7803,5 +8339,13 @@ async function start() {
   show(header, navigation(actor));
   await route();
 }
+header.addEventListener("click", (event) => {
+  const link = event.target.closest("a");
+  if (link && link.getAttribute("href") === window.location.hash) {
+    event.preventDefault();
+    void route();
+  }
+});
+onSessionEnded((why) => signedOut(new SessionEnded(why)));
 window.addEventListener("hashchange", () => void route());
 void start();
