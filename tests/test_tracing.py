@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -23,7 +25,9 @@ from opentelemetry.proto.common.v1 import common_pb2
 from opentelemetry.proto.trace.v1 import trace_pb2
 from twofactor.v1 import enums_pb2
 from twofactor.v1 import twofactor_service_pb2 as pb
+from twofactor.v1 import twofactor_service_pb2_grpc as pb_grpc
 
+from tests.grpc_web import GrpcWebChannel
 from tests.replicas import Replica, start_replica, stop_replica, wait_serving
 from tests.support import VERIFY_RIGHT, Actors, error_reason, wait_until
 from twofactor_service.config import ConfigError, load_config
@@ -220,6 +224,19 @@ async def test_spans_continue_the_callers_trace_and_carry_no_secret(
         )
     await asyncio.gather(*calls)
 
+    # Through the console's gRPC-Web bridge, as a browser (or a proxy in front of it) calls.
+    web_trace, web_parent, metadata = _traceparent()
+    web = GrpcWebChannel(replica.console_url)
+    try:
+        web_stub = pb_grpc.TwoFactorServiceStub(web)  # type: ignore[call-overload]
+        status = await web_stub.GetAccountStatus(
+            pb.GetAccountStatusRequest(),
+            metadata=(("authorization", f"Bearer {user_token}"), *metadata),
+        )
+        assert status.status.state == enums_pb2.TWO_FACTOR_STATE_ENROLLED
+    finally:
+        await web.close()
+
     # A refusal: an unknown session token.
     refused_trace, _, metadata = _traceparent()
     with pytest.raises(grpc.aio.AioRpcError) as refused:
@@ -243,6 +260,8 @@ async def test_spans_continue_the_callers_trace_and_carry_no_secret(
             return False
         if spans.server_span(enroll_trace, "CompleteEnrollment") is None:
             return False
+        if spans.server_span(web_trace, "GetAccountStatus") is None:
+            return False
         # Every call's span ends before its batch's does: wait for the batches too.
         return all(v is not None and v.span.span_id in linked_calls() for v in verify)
 
@@ -260,6 +279,11 @@ async def test_spans_continue_the_callers_trace_and_carry_no_secret(
     assert all(s.attributes["db.system"] == "postgresql" for s in statements)
     assert all("db.statement.parameters" not in s.attributes for s in statements)
     assert any("$1" in str(s.attributes.get("db.statement", "")) for s in statements)
+
+    # The browser's trace goes on through the bridge too.
+    through_bridge = spans.server_span(web_trace, "GetAccountStatus")
+    assert through_bridge is not None
+    assert through_bridge.span.parent_span_id == bytes.fromhex(web_parent)
 
     # The refusal: its status code and reason, on the caller's trace.
     refusal = spans.server_span(refused_trace, "GetAccountStatus")
@@ -331,8 +355,13 @@ async def test_each_worker_exports_its_own_spans(
         options = (("grpc.use_local_subchannel_pool", 1),)
         async with grpc.aio.insecure_channel(replica.address, options=options) as channel:
             _, _, metadata = _traceparent()
+            verify: grpc.aio.UnaryUnaryMultiCallable[pb.VerifyCodeRequest, bytes]
+            verify = channel.unary_unary(
+                METHOD.format("VerifyCode"),
+                request_serializer=pb.VerifyCodeRequest.SerializeToString,
+            )
             with pytest.raises(grpc.aio.AioRpcError):
-                await channel.unary_unary(METHOD.format("VerifyCode"))(b"", metadata=metadata)
+                await verify(pb.VerifyCodeRequest(), metadata=metadata)
         return len({s.resource["process.pid"] for s in spans.spans}) >= 2
 
     await wait_until(from_both_workers, within=ARRIVE_WITHIN_SECONDS, what="both workers' spans")
@@ -356,3 +385,23 @@ async def test_no_span_is_sent_with_tracing_disabled(
     assert await stop_replica(replica) == 0
     assert spans.exports == 0
     assert spans.spans == []
+
+
+def test_without_tracing_the_server_loads_no_opentelemetry() -> None:
+    """Tracing off costs the calls nothing: what `twofactor serve` imports to serve (the CLI,
+    the server, the pipeline, the VerifyCode batcher) loads no OpenTelemetry module."""
+    probe = (
+        "import sys, twofactor_service.cli, twofactor_service.server, "
+        "twofactor_service.verification, twofactor_service.transport.servicer; "
+        "print(sorted(m for m in sys.modules if m.startswith('opentelemetry')))"
+    )
+    found = subprocess.run(  # noqa: S603 - this interpreter, a fixed program
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True
+    )
+    assert found.stdout.strip() == "[]"
+    # The probe would see it: the tracing module does load OpenTelemetry.
+    probe = probe.replace("twofactor_service.cli,", "twofactor_service.tracing,")
+    found = subprocess.run(  # noqa: S603 - as above
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True
+    )
+    assert "opentelemetry.sdk.trace" in found.stdout
