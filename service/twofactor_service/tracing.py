@@ -37,7 +37,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 from opentelemetry.instrumentation.asyncpg import AsyncPGInstrumentor
-from opentelemetry.instrumentation.grpc import aio_server_interceptor, filters
+from opentelemetry.instrumentation.grpc import aio_server_interceptor
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
@@ -108,9 +108,15 @@ class Tracing:
         """The call's span, continuing the caller's trace (gRPC instrumentation). Only
         TwoFactorService's calls: health probes every few seconds would bury them, and health's
         Watch, written with context.write, is no generator the instrumentation could wrap."""
+        prefix = f"/{SERVICE_DESCRIPTOR.full_name}/"
+
+        def traced(details: grpc.HandlerCallDetails) -> bool:
+            # Not filters.service_name: its isinstance checks against gRPC's protocol classes
+            # cost more than this whole test, on every call.
+            return details.method.startswith(prefix)
+
         interceptor = aio_server_interceptor(  # type: ignore[no-untyped-call]
-            tracer_provider=self.provider,
-            filter_=filters.service_name(SERVICE_DESCRIPTOR.full_name),
+            tracer_provider=self.provider, filter_=traced
         )
         return [cast(grpc.aio.ServerInterceptor, interceptor)]
 
