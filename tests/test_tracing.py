@@ -246,6 +246,15 @@ async def test_spans_continue_the_callers_trace_and_carry_no_secret(
         )
     assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
+    # Bytes that are no VerifyCodeRequest: refused by the pipeline, traced like any call.
+    malformed_trace, _, metadata = _traceparent()
+    raw: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = replica.channel.unary_unary(
+        METHOD.format("VerifyCode")
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as malformed:
+        await raw(b"\xff\xff\xff", metadata=metadata)
+    assert error_reason(malformed.value) == "MALFORMED_REQUEST"
+
     def batches() -> list[ReceivedSpan]:
         return [s for s in spans.spans if s.span.name == "VerifyCode batch"]
 
@@ -261,6 +270,8 @@ async def test_spans_continue_the_callers_trace_and_carry_no_secret(
         if spans.server_span(enroll_trace, "CompleteEnrollment") is None:
             return False
         if spans.server_span(web_trace, "GetAccountStatus") is None:
+            return False
+        if spans.server_span(malformed_trace, "VerifyCode") is None:
             return False
         # Every call's span ends before its batch's does: wait for the batches too.
         return all(v is not None and v.span.span_id in linked_calls() for v in verify)
@@ -290,6 +301,11 @@ async def test_spans_continue_the_callers_trace_and_carry_no_secret(
     assert refusal is not None
     assert refusal.attributes["rpc.grpc.status_code"] == grpc.StatusCode.UNAUTHENTICATED.value[0]
     assert refusal.attributes["twofactor.error_reason"] == error_reason(refused.value)
+
+    unparsed = spans.server_span(malformed_trace, "VerifyCode")
+    assert unparsed is not None
+    assert unparsed.attributes["twofactor.error_reason"] == "MALFORMED_REQUEST"
+    assert unparsed.attributes["rpc.grpc.status_code"] == grpc.StatusCode.INVALID_ARGUMENT.value[0]
 
     # VerifyCode: each call on its caller's trace; the batches that settled them link them
     # all, each exactly the calls it settled, and do their database work as their children.

@@ -11,9 +11,9 @@ What records what (docs/operations.md, "Tracing"):
   what only the pipeline knows: the final status code and the refusal's ErrorInfo reason.
 - the database work: a CLIENT span per statement from the maintained asyncpg instrumentation,
   with the statement's text and never its parameters (`capture_parameters` stays off).
-- a VerifyCode batch: the calls it settles share one transaction, so its statements belong to
-  no single call; they are children of a span of their own, which links every call it settled
-  (and every call links back to it). Hand-written: no instrumentation knows the batcher.
+- a VerifyCode batch: the calls it settles share its two statements, which belong to no single
+  call; they are children of a span of its own, which links every call it settled (and every
+  call links back to it). Hand-written: no instrumentation knows the batcher.
 
 Never recorded: requests, responses, metadata values (only the instrumentation's user agent
 and peer address, and the request id), statement parameters. So no password, code, secret,
@@ -42,7 +42,7 @@ from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.sdk.trace.sampling import Decision, Sampler, SamplingResult
-from opentelemetry.trace import Link, Span, SpanKind
+from opentelemetry.trace import Link, Span, SpanKind, Status, StatusCode
 from opentelemetry.util.types import Attributes
 
 from twofactor_service.policy import SERVICE as SERVICE_DESCRIPTOR
@@ -154,12 +154,19 @@ class Tracing:
             kind=SpanKind.INTERNAL,
             links=links,
             attributes={"twofactor.verify.batch_size": len(calls)},
+            # A failure's type only: no exception message or traceback on the span.
+            record_exception=False,
+            set_status_on_exception=False,
         ) as batch:
             batch_context = batch.get_span_context()
             for call in calls:
                 if call.is_recording():
                     call.add_link(batch_context, {"twofactor.link": "verify_batch"})
-            yield
+            try:
+                yield
+            except BaseException as exc:
+                batch.set_status(Status(StatusCode.ERROR, type(exc).__name__))
+                raise
 
     def stop(self, within_seconds: float = FLUSH_WITHIN_SECONDS) -> None:
         """Exports what is still queued, waiting at most `within_seconds` (a collector that is
