@@ -8,7 +8,9 @@ The replicas run on the real clock, so codes here come from real time (pyotp), n
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -344,9 +346,9 @@ async def test_spans_continue_the_callers_trace_and_carry_no_secret(
 async def test_the_last_spans_are_exported_at_a_graceful_stop(
     receiver: tuple[Receiver, str], replica_with: Any, actors: Actors
 ) -> None:
-    """Spans wait up to a minute in the batch here: only the stop's flush can send them."""
+    """Spans wait up to ten minutes in the batch here: only the stop's flush can send them."""
     spans, endpoint = receiver
-    replica: Replica = await replica_with(_tracing_env(endpoint, OTEL_BSP_SCHEDULE_DELAY="60000"))
+    replica: Replica = await replica_with(_tracing_env(endpoint, OTEL_BSP_SCHEDULE_DELAY="600000"))
     trace_id, _, metadata = _traceparent()
     with pytest.raises(grpc.aio.AioRpcError):
         await replica.stub.VerifyCode(
@@ -421,3 +423,28 @@ def test_without_tracing_the_server_loads_no_opentelemetry() -> None:
         [sys.executable, "-c", probe], capture_output=True, text=True, check=True
     )
     assert "opentelemetry.sdk.trace" in found.stdout
+
+
+async def test_a_collector_that_is_down_holds_up_neither_calls_nor_the_stop(
+    replica_with: Any, tmp_path: Path
+) -> None:
+    """Nothing listens at the endpoint: the calls are answered, the exporter's failures are
+    logged, and a graceful stop gives up on the spans in time, saying so."""
+    with socket.socket() as probe:  # a port that was free a moment ago: nothing listens there
+        probe.bind(("127.0.0.1", 0))
+        endpoint = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    # The exporter would retry each export for a minute: only the stop's bound ends the wait.
+    replica: Replica = await replica_with(_tracing_env(endpoint, OTEL_EXPORTER_OTLP_TIMEOUT="60"))
+    for _ in range(3):
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await replica.stub.VerifyCode(
+                pb.VerifyCodeRequest(username="nobody-here", code="123456"),
+                metadata=(("authorization", "Bearer not-a-session"),),
+            )
+        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    # stop_replica allows 20 s: the workers' own stop budget (workers.py) is 15 s past grace.
+    assert await stop_replica(replica) == 0
+    # The log (stderr; stdout's greeting is in the same file here) says what happened.
+    records = [json.loads(line) for line in replica.log.read_text().splitlines() if line[:1] == "{"]
+    assert any(r["logger"].startswith("opentelemetry.exporter") for r in records), records
+    assert any(r["message"] == "tracing: spans not all exported before the stop" for r in records)
