@@ -257,6 +257,15 @@ async def test_spans_continue_the_callers_trace_and_carry_no_secret(
         await raw(b"\xff\xff\xff", metadata=metadata)
     assert error_reason(malformed.value) == "MALFORMED_REQUEST"
 
+    # A server-streaming call, refused: the instrumentation wraps the pipeline's stream too.
+    stream_trace, _, metadata = _traceparent()
+    with pytest.raises(grpc.aio.AioRpcError) as unauthenticated:
+        async for _ in replica.stub.WatchAuditEvents(
+            pb.WatchAuditEventsRequest(), metadata=metadata
+        ):
+            pass
+    assert unauthenticated.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
     def batches() -> list[ReceivedSpan]:
         return [s for s in spans.spans if s.span.name == "VerifyCode batch"]
 
@@ -274,6 +283,8 @@ async def test_spans_continue_the_callers_trace_and_carry_no_secret(
         if spans.server_span(web_trace, "GetAccountStatus") is None:
             return False
         if spans.server_span(malformed_trace, "VerifyCode") is None:
+            return False
+        if spans.server_span(stream_trace, "WatchAuditEvents") is None:
             return False
         # Every call's span ends before its batch's does: wait for the batches too.
         return all(v is not None and v.span.span_id in linked_calls() for v in verify)
@@ -308,6 +319,10 @@ async def test_spans_continue_the_callers_trace_and_carry_no_secret(
     assert unparsed is not None
     assert unparsed.attributes["twofactor.error_reason"] == "MALFORMED_REQUEST"
     assert unparsed.attributes["rpc.grpc.status_code"] == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+
+    watch = spans.server_span(stream_trace, "WatchAuditEvents")
+    assert watch is not None
+    assert watch.attributes["rpc.grpc.status_code"] == grpc.StatusCode.UNAUTHENTICATED.value[0]
 
     # VerifyCode: each call on its caller's trace; the batches that settled them link them
     # all, each exactly the calls it settled, and do their database work as their children.
