@@ -5,6 +5,7 @@ same load generator, bench/load.py, in separate processes):
 
   echo       the framework's ceiling: a bare grpc.aio server echoing a VerifyCodeRequest
   verify     VerifyCode on `twofactor serve`, one process
+  verify-traced  the same with OpenTelemetry tracing on, exporting to an OTLP receiver here
   signin     SignIn (password + code; argon2id makes it slow, by design)
   verify-2w  VerifyCode on `twofactor serve --workers 2`
   echo-2w    the echo server, 2 processes (what 2 processes can give at best on this machine)
@@ -44,6 +45,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
+from otlp_sink import OtlpSink  # noqa: E402
 from seed import BenchAccounts, reset_counters, seed  # noqa: E402
 from target import Target, note_used_until, prepare_target  # noqa: E402
 
@@ -53,7 +55,7 @@ from twofactor_service.store import database  # noqa: E402
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 SIGN_IN_WARMUP_SECONDS = 8.0
-PHASES = ("echo", "verify", "signin", "verify-2w", "echo-2w")
+PHASES = ("echo", "verify", "verify-traced", "signin", "verify-2w", "echo-2w")
 
 
 def _env(name: str, default: str) -> str:
@@ -281,11 +283,24 @@ def echo_server(data_dir: Path, workers: int) -> Iterator[Server]:
 
 
 @contextlib.contextmanager
-def service(data_dir: Path, workers: int, name: str) -> Iterator[Server]:
-    """`twofactor serve` as `make run` starts it, on the bench's data folder."""
+def service(
+    data_dir: Path, workers: int, name: str, otlp_port: int | None = None
+) -> Iterator[Server]:
+    """`twofactor serve` as `make run` starts it, on the bench's data folder; with tracing
+    only when `otlp_port` names the receiver to export to."""
     port = free_port()
     metrics_port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TWOFACTOR_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TWOFACTOR_", "OTEL_"))}
+    if otlp_port is not None:
+        # The SDK's defaults otherwise (every span sampled, batches of 512 every 5 s), unless
+        # the bench is given OTEL_TRACES_SAMPLER and OTEL_TRACES_SAMPLER_ARG.
+        env.update(
+            OTEL_EXPORTER_OTLP_ENDPOINT=f"http://127.0.0.1:{otlp_port}",
+            OTEL_EXPORTER_OTLP_INSECURE="true",
+        )
+        for knob in ("OTEL_TRACES_SAMPLER", "OTEL_TRACES_SAMPLER_ARG"):
+            if knob in os.environ:
+                env[knob] = os.environ[knob]
     # Pass through only the tuning knobs; the database and the key are the bench's own.
     for knob in ("TWOFACTOR_DATABASE_POOL_SIZE", "TWOFACTOR_VERIFY_BATCHES_IN_FLIGHT"):
         if knob in os.environ:
@@ -711,6 +726,7 @@ def main() -> int:
     results: dict[str, Result] = {}
     for phase in phases:
         asyncio.run(reset(url))
+        sink: OtlpSink | None = None
         if phase.startswith("echo"):
             workers = 2 if phase == "echo-2w" else 1
             with echo_server(args.data_dir, workers) as server:
@@ -722,14 +738,22 @@ def main() -> int:
             # clear of step boundaries, and warm up until completions flow steadily.
             margin = 20.0 if kind == "signin" else 3.0
             warmup = max(args.warmup, SIGN_IN_WARMUP_SECONDS) if kind == "signin" else None
-            with service(args.data_dir, workers, phase) as server:
+            with contextlib.ExitStack() as stack:
+                if phase == "verify-traced":
+                    sink = stack.enter_context(OtlpSink())
+                server = stack.enter_context(
+                    service(args.data_dir, workers, phase, sink.port if sink else None)
+                )
                 if workers > 1:
                     _wait_for_listeners(server.port, workers)
                 result = run_load(
                     args, server, kind, Result(phase, workers), margin=margin, warmup=warmup
                 )
+                server.stop()  # the last spans are flushed at the stop
         results[phase] = result
         print(describe(result), flush=True)
+        if sink is not None:
+            print(sink.describe(), flush=True)
 
     if args.profile and args.profile != "0":
         asyncio.run(reset(url))
@@ -777,6 +801,9 @@ def main() -> int:
     if "echo" in results and "verify" in results and results["echo"].calls_per_second:
         ratio = results["verify"].calls_per_second / results["echo"].calls_per_second
         print(f"ratio: {ratio:.2f}")
+    if "verify" in results and "verify-traced" in results and results["verify"].calls_per_second:
+        traced = results["verify-traced"].calls_per_second / results["verify"].calls_per_second
+        print(f"tracing on / off (VerifyCode): {traced:.2f}x")
     if "verify" in results and "verify-2w" in results and results["verify"].calls_per_second:
         scale = results["verify-2w"].calls_per_second / results["verify"].calls_per_second
         print(f"2 workers / 1 worker (VerifyCode): {scale:.2f}x")

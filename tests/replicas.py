@@ -48,7 +48,7 @@ def start_replica(
     more TWOFACTOR_* settings)."""
     address = f"127.0.0.1:{free_port()}"
     console = f"127.0.0.1:{free_port()}"
-    environment = {k: v for k, v in os.environ.items() if not k.startswith("TWOFACTOR_")}
+    environment = {k: v for k, v in os.environ.items() if not k.startswith(("TWOFACTOR_", "OTEL_"))}
     environment |= {
         "TWOFACTOR_DATABASE_URL": database_url,
         "TWOFACTOR_ENCRYPTION_KEYS": TEST_ENCRYPTION_KEYS,

@@ -14,7 +14,7 @@ import sys
 import uuid
 from collections.abc import Awaitable, Callable
 from multiprocessing.connection import Connection
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import asyncpg
 
@@ -41,6 +41,9 @@ from twofactor_service.store.accounts import AccountRecord
 from twofactor_service.store.migrations import migrate
 from twofactor_service.workers import run_workers
 
+if TYPE_CHECKING:
+    from twofactor_service.tracing import Tracing
+
 log = logging.getLogger("twofactor_service")
 
 # Exit codes scripts can rely on.
@@ -61,7 +64,9 @@ def database_url(config: Config) -> str:
     return database.start_embedded(config.data_dir)
 
 
-async def _open_runtime(config: Config, url: str | None = None) -> Runtime:
+async def _open_runtime(
+    config: Config, url: str | None = None, tracing: Tracing | None = None
+) -> Runtime:
     key_ring, notice = load_key_ring(config)
     if notice:
         log.warning(notice)
@@ -70,7 +75,7 @@ async def _open_runtime(config: Config, url: str | None = None) -> Runtime:
         applied = await migrate(conn)
     if applied:
         log.info("database migrated", extra={"migrations": applied})
-    return Runtime(config=config, pool=pool, key_ring=key_ring)
+    return Runtime(config=config, pool=pool, key_ring=key_ring, tracing=tracing)
 
 
 def _console_url(config: Config) -> str | None:
@@ -95,8 +100,19 @@ def _announce(config: Config, console_url: str | None = None) -> None:
     )
 
 
+def _start_tracing(config: Config) -> Tracing | None:
+    """Per serving process (a worker sets up its own after it is spawned)."""
+    if not config.tracing:
+        return None
+    # Imported only now: without tracing no OpenTelemetry code is loaded at all.
+    from twofactor_service.tracing import start_tracing
+
+    return start_tracing()
+
+
 async def _serve(config: Config, url: str | None = None, ready: Connection | None = None) -> None:
-    runtime = await _open_runtime(config, url)
+    tracing = _start_tracing(config)
+    runtime = await _open_runtime(config, url, tracing)
     running = await start_server(config, runtime.pool, runtime.key_ring, runtime=runtime)
     log.info("serving", extra={"address": config.listen_address, "port": running.port})
     if ready is None:
@@ -112,6 +128,8 @@ async def _serve(config: Config, url: str | None = None, ready: Connection | Non
     log.info("shutting down")
     await running.stop(grace=10)
     await runtime.pool.close()
+    if tracing is not None:
+        tracing.stop()  # the last calls' spans, exported within a bounded wait
 
 
 def _serve_worker(config: Config, url: str, ready: Connection) -> None:

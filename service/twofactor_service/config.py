@@ -87,6 +87,9 @@ class Config:
     # mTLS: client certificate identities (a URI SAN such as a SPIFFE id, or "CN=<name>") and
     # the service account each one calls as, without a session (transport/client_certificates.py).
     client_certificate_accounts: tuple[tuple[str, str], ...] = ()
+    # OpenTelemetry tracing over OTLP/gRPC (tracing.py); the standard OTEL_* variables turn it
+    # on, and the SDK reads the rest of them (endpoint, headers, sampler, batching) itself.
+    tracing: bool = False
 
     @property
     def embedded_database(self) -> bool:
@@ -138,6 +141,34 @@ def _console_address(env: Mapping[str, str]) -> str | None:
             f"{PREFIX}CONSOLE_ADDRESS must be host:port (empty turns the console off), got {raw!r}"
         )
     return raw
+
+
+def _flag(env: Mapping[str, str], name: str) -> bool:
+    return env.get(name, "").strip().lower() == "true"
+
+
+def _tracing(env: Mapping[str, str]) -> bool:
+    """Whether to export traces. Off by default, unlike the OpenTelemetry SDK's own default
+    (OTEL_TRACES_EXPORTER=otlp): on when OTEL_TRACES_EXPORTER is "otlp", or is unset while an
+    OTLP endpoint is configured; never while OTEL_SDK_DISABLED is true. Only the OTLP/gRPC
+    exporter is installed, so another exporter or protocol is refused, not silently ignored."""
+    exporter = env.get("OTEL_TRACES_EXPORTER", "").strip().lower()
+    if exporter not in ("", "otlp", "none"):
+        raise ConfigError(f"OTEL_TRACES_EXPORTER must be otlp or none, got {exporter!r}")
+    if _flag(env, "OTEL_SDK_DISABLED") or exporter == "none":
+        return False
+    endpoint = env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or env.get(
+        "OTEL_EXPORTER_OTLP_ENDPOINT"
+    )
+    if not (exporter == "otlp" or endpoint):
+        return False
+    name = "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"
+    if not env.get(name):
+        name = "OTEL_EXPORTER_OTLP_PROTOCOL"
+    protocol = env.get(name, "").strip().lower()
+    if protocol not in ("", "grpc"):
+        raise ConfigError(f"{name}: only grpc (OTLP over gRPC) is supported, got {protocol!r}")
+    return True
 
 
 def load_config(env: Mapping[str, str] | None = None) -> Config:
@@ -212,4 +243,5 @@ def load_config(env: Mapping[str, str] | None = None) -> Config:
         verify_batches_in_flight=_int(env, "VERIFY_BATCHES_IN_FLIGHT", 1, 1, 64),
         identity_cache_seconds=_int(env, "IDENTITY_CACHE_SECONDS", 2, 0, 60),
         client_certificate_accounts=certificate_accounts,
+        tracing=_tracing(env),
     )

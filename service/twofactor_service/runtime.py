@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import asyncpg
 
@@ -13,6 +14,9 @@ from twofactor_service.encryption import KeyRing
 from twofactor_service.passwords import PasswordChecks
 from twofactor_service.rules import lockout_schedule
 
+if TYPE_CHECKING:  # imported only with tracing on (tracing.py)
+    from twofactor_service.tracing import Tracing
+
 
 @dataclass(frozen=True)
 class Runtime:
@@ -20,6 +24,8 @@ class Runtime:
     pool: asyncpg.Pool
     key_ring: KeyRing
     clock: Callable[[], float] = time.time
+    # OpenTelemetry, when config.tracing turned it on; None costs the calls nothing.
+    tracing: Tracing | None = None
     # Derived from the configuration once, not per call.
     lockout_schedule: list[int] = field(init=False)
     password_checks: PasswordChecks = field(init=False)

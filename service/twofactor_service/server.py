@@ -145,6 +145,9 @@ async def start_server(
     reporters = [access_log.reporter]
     if config.metrics_address:
         reporters.insert(0, metrics.reporter)
+    tracing = runtime.tracing
+    if tracing is not None:
+        reporters.append(tracing.reporter)
     identities = IdentityCache(config.identity_cache_seconds)
     pipeline = Pipeline(runtime, load_policies(), identities, reporters)
     server = grpc.aio.server(
@@ -153,6 +156,8 @@ async def start_server(
             ("grpc.so_reuseport", 1 if config.workers > 1 else 0),
             ("grpc.keepalive_permit_without_calls", 1),
         ],
+        # The call's span (tracing.py), around the pipeline; none without tracing.
+        interceptors=tracing.server_interceptors() if tracing is not None else None,
     )
     registry: Any = PipelineServer(server, pipeline)  # as the generated functions take a server
     pb_grpc.add_TwoFactorServiceServicer_to_server(TwoFactorServicer(runtime), registry)

@@ -15,6 +15,7 @@ import asyncio
 import enum
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from twofactor_service import errors, rules
 from twofactor_service.caller import Caller
@@ -22,6 +23,9 @@ from twofactor_service.code_checks import CodeCheck, match_code
 from twofactor_service.runtime import Runtime
 from twofactor_service.store import accounts, verifications
 from twofactor_service.store.verifications import Attempt, Paid
+
+if TYPE_CHECKING:
+    from opentelemetry.trace import Span
 
 # The most calls one statement carries.
 MAX_BATCH = 256
@@ -48,6 +52,8 @@ class _Call:
     code: str
     caller: Caller
     answer: asyncio.Future[VerifyOutcome]
+    # The call's span, for the batch's links (tracing on only).
+    span: Span | None = None
 
 
 async def verify_code(
@@ -71,6 +77,7 @@ class Verifier:
         self._runtime = runtime
         self._max_in_flight = max_batches_in_flight
         self._observe_batch = observe_batch
+        self._tracing = runtime.tracing
         self._waiting: list[_Call] = []
         self._in_flight = 0
         self._scheduled = False
@@ -78,7 +85,10 @@ class Verifier:
 
     async def verify(self, caller: Caller, username: str, code: str) -> VerifyOutcome:
         answer: asyncio.Future[VerifyOutcome] = asyncio.get_running_loop().create_future()
-        self._waiting.append(_Call(accounts.username_key(username), username, code, caller, answer))
+        call = _Call(accounts.username_key(username), username, code, caller, answer)
+        if self._tracing is not None:
+            call.span = self._tracing.current_call()
+        self._waiting.append(call)
         self._schedule()
         return await answer
 
@@ -120,7 +130,11 @@ class Verifier:
             return
         self._observe_batch(len(batch))
         try:
-            outcomes = await self._verify_batch(batch)
+            if self._tracing is None:
+                outcomes = await self._verify_batch(batch)
+            else:
+                with self._tracing.verify_batch([call.span for call in batch if call.span]):
+                    outcomes = await self._verify_batch(batch)
         except BaseException as exc:  # every waiting caller gets the failure
             for call in batch:
                 if not call.answer.done():

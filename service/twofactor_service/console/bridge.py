@@ -27,7 +27,13 @@ from twofactor_service.transport.forwarded_peer import BRIDGE_KEY, FORWARDED_FOR
 
 # The metadata of the contract (twofactor_service.proto's service comment); nothing else a
 # browser sends reaches the server.
-FORWARDED_METADATA = ("authorization", "x-step-up-password", "x-step-up-code", "x-request-id")
+FORWARDED_METADATA = (
+    "authorization",
+    "x-step-up-password",
+    "x-step-up-code",
+    "x-request-id",
+    "traceparent",
+)
 # Trailing metadata returned to the browser besides the status.
 RETURNED_TRAILERS = ("x-request-id",)
 STATUS_DETAILS = "grpc-status-details-bin"
