@@ -142,6 +142,7 @@ template(name="event" type="list" option.jsonf="on") {{
     property(outname="raw" name="rawmsg" format="jsonf")
     property(outname="pri" name="pri" format="jsonf")
     property(outname="timestamp" name="timestamp" dateFormat="rfc3339" format="jsonf")
+    property(outname="received_at" name="timegenerated" dateFormat="rfc3339" format="jsonf")
     property(outname="hostname" name="hostname" format="jsonf")
     property(outname="app_name" name="app-name" format="jsonf")
     property(outname="msgid" name="msgid" format="jsonf")
@@ -174,9 +175,7 @@ class Rsyslog:
         self.tls_port = free_port()
         self.config = folder / "rsyslog.conf"
         self.config.write_text(
-            _CONFIG.format(
-                work=folder, pki=pki, tcp_port=self.tcp_port, tls_port=self.tls_port
-            )
+            _CONFIG.format(work=folder, pki=pki, tcp_port=self.tcp_port, tls_port=self.tls_port)
         )
         self.process: subprocess.Popen[bytes] | None = None
         self.starts = 0

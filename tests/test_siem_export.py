@@ -53,10 +53,12 @@ pytestmark = pytest.mark.slow
 
 OUTAGE_SECONDS = 30.0
 ARRIVE_WITHIN_SECONDS = 30.0
-# How long before a break an event may have been sent and still go again after it: it was
-# unconfirmed (SETTLE_SECONDS), the exporter had not looked yet (POLL_SECONDS), plus slack for
-# a machine shared with other work.
-AT_LEAST_ONCE_WINDOW_SECONDS = siem_export.SETTLE_SECONDS + siem_export.POLL_SECONDS + 3.0
+# How long before a break the receiver may have taken an event that then comes again: it was
+# not confirmed yet (SETTLE_SECONDS), or the exporter had not looked yet (POLL_SECONDS), plus
+# slack for a machine shared with other work.
+AT_LEAST_ONCE_WINDOW_SECONDS = siem_export.SETTLE_SECONDS + siem_export.POLL_SECONDS + 2.0
+# A stopping replica's exporter may still send for a moment after the test's SIGTERM.
+STOPPING_SECONDS = 5.0
 
 
 @pytest.fixture(scope="module")
@@ -199,7 +201,8 @@ def received(rsyslog: Rsyslog, transport: str, settings: SiemConfig) -> list[Rec
             assert header[:3] == ["CEF:0", "TwoFactorService", "TwoFactorService"], line
             fields = {_CEF_NAMES[k]: v for k, v in extension.items() if k in _CEF_NAMES}
             labels = {k: v for k, v in extension.items() if k.endswith("Label")}
-            assert labels["cs1Label"] == "peer" and labels["cs2Label"] == "requestId", line
+            assert labels["cs1Label"] == "peer", line
+            assert labels["cs2Label"] == "requestId", line
         else:
             fields = json.loads(line["sd"])[SD_ID]
         if fields["sequence"] != "0":
@@ -295,7 +298,9 @@ async def scripted_session(served: Served) -> list[Person]:
         pb.DeleteSecretRequest(username=victim.username), metadata=admin.metadata()
     )
     with pytest.raises(grpc.aio.AioRpcError) as refused:
-        await stub.ResetSecret(pb.ResetSecretRequest(username=vip.username), metadata=admin.metadata())
+        await stub.ResetSecret(
+            pb.ResetSecretRequest(username=vip.username), metadata=admin.metadata()
+        )
     assert error_reason(refused.value) == "STEP_UP_REQUIRED"
     await stub.ResetSecret(pb.ResetSecretRequest(username=odd.username), metadata=admin.metadata())
     for _ in range(7):  # past the free failures: a lockout
@@ -397,6 +402,12 @@ class Load:
                     self.calls += 1
                 except grpc.aio.AioRpcError as exc:
                     self.failures.append(exc.code().name)
+                except asyncio.CancelledError:
+                    # A call in flight on a replica's channel as the test closes it.
+                    current = asyncio.current_task()
+                    if current is not None and current.cancelling():
+                        raise
+                    self.failures.append("CANCELLED")
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(0.02):  # pacing: about 50 calls a second
                     await self._stop.wait()
@@ -411,15 +422,21 @@ class Load:
 
 
 def assert_duplicates_within_window(
-    truth: dict[int, dict[str, Any]], dups: Counter[int], breaks: list[float]
+    got: list[Received], dups: Counter[int], breaks: list[float]
 ) -> None:
-    """Only events sent just before a break (a receiver outage, a stopped exporter) may arrive
-    twice."""
+    """Only events the receiver took just before a break (a receiver outage, a stopped
+    exporter) may arrive again: the first copy's reception (rsyslog's own clock) is within the
+    at-least-once window before a break."""
+    first_received: dict[int, float] = {}
+    for event in got:
+        at = datetime.fromisoformat(event.header["received_at"]).timestamp()
+        first_received.setdefault(event.sequence, at)
     for sequence in dups:
-        written = truth[sequence]["occurred_at"].timestamp()
+        at = first_received[sequence]
         assert any(
-            moment - AT_LEAST_ONCE_WINDOW_SECONDS <= written <= moment for moment in breaks
-        ), f"event {sequence} arrived twice but was written at {written}, breaks at {breaks}"
+            moment - AT_LEAST_ONCE_WINDOW_SECONDS <= at <= moment + STOPPING_SECONDS
+            for moment in breaks
+        ), f"event {sequence} arrived twice, first at {at}; breaks at {breaks}"
 
 
 async def test_a_30_second_receiver_outage_loses_nothing(
@@ -469,7 +486,7 @@ async def test_a_30_second_receiver_outage_loses_nothing(
         await wait_until(no_lag, within=10, what="the cursor past every event")
     assert_fields(truth, got)
     dups = duplicates(got)
-    assert_duplicates_within_window(truth, dups, [outage_started])
+    assert_duplicates_within_window(got, dups, [outage_started])
     print(
         f"\noutage: {len(truth)} events, {len(got)} messages received, "
         f"{sum(dups.values())} duplicates, none lost"
@@ -478,7 +495,7 @@ async def test_a_30_second_receiver_outage_loses_nothing(
 
 async def _metrics(port: int) -> str:
     def fetch() -> str:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:  # noqa: S310
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
             text: str = reply.read().decode()
             return text
 
@@ -535,8 +552,7 @@ async def test_serve_restarts_and_a_second_replica_lose_nothing_and_one_exports(
         load.stubs.clear()
         breaks.append(time.time())
         assert await stop_replica(first.replica) == 0
-        again = await start("a-again")
-        second = await start("b")
+        again, second = await asyncio.gather(start("a-again"), start("b"))
         load.stubs += [again.replica.stub, second.replica.stub]
         sent_so_far = len(received(rsyslog, "tcp", settings))
         await wait_until(lambda: flowing(sent_so_far + 50), within=30, what="export after restart")
@@ -547,7 +563,8 @@ async def test_serve_restarts_and_a_second_replica_lose_nothing_and_one_exports(
 
         await wait_until(one_exporter, within=10, what="exactly one exporting replica")
         exporter, other = (again, second) if await exporting(again) else (second, again)
-        assert await exporting(exporter) and not await exporting(other)
+        assert await exporting(exporter)
+        assert not await exporting(other)
         # The exporting replica stops: the other one takes over from the cursor.
         load.stubs.remove(exporter.replica.stub)
         breaks.append(time.time())
@@ -556,7 +573,8 @@ async def test_serve_restarts_and_a_second_replica_lose_nothing_and_one_exports(
         sent_so_far = len(received(rsyslog, "tcp", settings))
         await wait_until(lambda: flowing(sent_so_far + 50), within=30, what="export after takeover")
         await load.stop()
-        assert not [f for f in load.failures if f != "UNAVAILABLE"], load.failures
+        # Only calls cut off by a replica's stop may fail.
+        assert not set(load.failures) - {"UNAVAILABLE", "CANCELLED"}, load.failures
         truth, got = await wait_all_arrived(rsyslog, "tcp", settings, runtime)
         metrics = await _metrics(other.metrics_port)
         assert _gauge(metrics, "twofactor_siem_export_lag_events") >= 0
@@ -569,7 +587,7 @@ async def test_serve_restarts_and_a_second_replica_lose_nothing_and_one_exports(
         await runtime.pool.close()
     assert_fields(truth, got)
     dups = duplicates(got)
-    assert_duplicates_within_window(truth, dups, breaks)
+    assert_duplicates_within_window(got, dups, breaks)
     print(
         f"\nrestarts: {len(truth)} events, {len(got)} messages received, "
         f"{sum(dups.values())} duplicates, none lost"
@@ -581,7 +599,7 @@ async def test_serve_restarts_and_a_second_replica_lose_nothing_and_one_exports(
 
 def _siem_test(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     environment = {k: v for k, v in os.environ.items() if not k.startswith("TWOFACTOR_")}
-    return subprocess.run(  # noqa: S603 - our own command
+    return subprocess.run(
         [sys.executable, "-m", "twofactor_service.cli", "siem-test"],
         env=environment | env,
         capture_output=True,
@@ -599,12 +617,12 @@ async def test_siem_test_reports_each_step_and_the_event_arrives(rsyslog: Rsyslo
         lines = done.stdout.splitlines()
         assert f"connect to {settings.host}:{settings.port}: ok" in lines
         assert any(line.startswith("TLS handshake: ok") for line in lines) == (transport == "tls")
-        request_id = re.search(r"request id (\w+)", done.stdout)
-        assert request_id, done.stdout
+        found = re.search(r"request id (\w+)", done.stdout)
+        assert found, done.stdout
 
-        async def arrived() -> bool:
+        async def arrived(transport: str = transport, request_id: str = found[1]) -> bool:
             return any(
-                json.loads(line["sd"])[SD_ID]["requestId"] == request_id[1]
+                json.loads(line["sd"])[SD_ID]["requestId"] == request_id
                 for line in rsyslog.received(transport)
                 if line["msgid"] == "SiemTest"
             )
