@@ -463,9 +463,9 @@ async def test_a_30_second_receiver_outage_loses_nothing(
             async with served.runtime.pool.acquire() as conn:
                 lag_events, lag_seconds = await siem_cursor.lag(conn)
             await asyncio.to_thread(rsyslog.start)
-            # Calls went on while the receiver was away (a third of the pace is plenty on a
-            # shared machine; an export that blocked calls would make none).
-            assert calls_during > OUTAGE_SECONDS * 50 / 3, calls_during
+            # Calls went on while the receiver was away (at a tenth of the pace, for a shared
+            # machine; calls held up by the export would have made none, or timed out).
+            assert calls_during > OUTAGE_SECONDS * 5, calls_during
             assert not load.failures, load.failures
             # The lag metric's query saw the backlog and its age.
             assert lag_events >= calls_during

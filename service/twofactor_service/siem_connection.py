@@ -71,7 +71,7 @@ def _unacknowledged_bytes(sock: socket.socket | None) -> int:
         return 0
     try:
         raw = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
-    except OSError:
+    except (OSError, AttributeError, ValueError):  # not a socket the kernel reports on
         return 0
     count: int = struct.unpack("i", raw)[0]
     return count

@@ -61,6 +61,7 @@ DATABASE_CONNECT_TIMEOUT_SECONDS = 5.0
 DATABASE_COMMAND_TIMEOUT_SECONDS = 10.0
 DATABASE_CLOSE_TIMEOUT_SECONDS = 2.0
 LAG_QUERY_TIMEOUT_SECONDS = 2.0
+SEAL_TIMEOUT_SECONDS = 2.0
 
 EVENTS_SENT = Counter(
     "twofactor_siem_events_sent",
@@ -159,7 +160,8 @@ async def _next_batch(
         # then anchors the chain). The periodic sealer would do it within a second anyway;
         # when another replica is sealing right now, or sealing is refused, they go unsealed.
         try:
-            sealed = await chain.seal(pool, wait=False, batch=BATCH)
+            async with asyncio.timeout(SEAL_TIMEOUT_SECONDS):  # the pool may be busy with calls
+                sealed = await chain.seal(pool, wait=False, batch=BATCH)
         except Exception:  # noqa: BLE001 - the sealer reports its own problems
             sealed = 0
         if sealed:
