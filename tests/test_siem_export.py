@@ -43,7 +43,7 @@ from tests.support import (
     wait_until,
 )
 from twofactor_service import siem_export
-from twofactor_service.config import SiemConfig
+from twofactor_service.config import ConfigError, SiemConfig, load_config
 from twofactor_service.runtime import Runtime
 from twofactor_service.server import start_server
 from twofactor_service.siem_messages import SD_ID
@@ -644,3 +644,45 @@ async def test_siem_test_fails_clearly(rsyslog: Rsyslog) -> None:
     done = await asyncio.to_thread(_siem_test, {})
     assert done.returncode == 3
     assert "TWOFACTOR_SIEM_ADDRESS" in done.stderr
+
+
+# --- Settings
+
+
+@pytest.mark.parametrize(
+    ("env", "named"),
+    [
+        ({"TWOFACTOR_SIEM_ADDRESS": "siem.example.org"}, "TWOFACTOR_SIEM_ADDRESS"),
+        ({"TWOFACTOR_SIEM_ADDRESS": "siem:70000"}, "TWOFACTOR_SIEM_ADDRESS"),
+        ({"TWOFACTOR_SIEM_ADDRESS": "siem:6514", "TWOFACTOR_SIEM_TRANSPORT": "udp"}, "TRANSPORT"),
+        ({"TWOFACTOR_SIEM_ADDRESS": "siem:6514", "TWOFACTOR_SIEM_FORMAT": "leef"}, "FORMAT"),
+        ({"TWOFACTOR_SIEM_FORMAT": "cef"}, "TWOFACTOR_SIEM_ADDRESS"),
+        ({"TWOFACTOR_SIEM_ADDRESS": "siem:6514", "TWOFACTOR_SIEM_CA_FILE": "/nonexistent"}, "CA"),
+        ({"TWOFACTOR_SIEM_ADDRESS": "siem:6514", "TWOFACTOR_SIEM_HOSTNAME": "two words"}, "HOST"),
+        ({"TWOFACTOR_SIEM_ADDRESS": "siem:6514", "TWOFACTOR_SIEM_APP_NAME": "x" * 49}, "APP_NAME"),
+    ],
+)
+def test_malformed_siem_settings_stop_the_start_naming_the_variable(
+    env: dict[str, str], named: str
+) -> None:
+    with pytest.raises(ConfigError, match=named):
+        load_config(env)
+
+
+def test_siem_certificates_need_tls_and_go_in_pairs(pki: TestPki) -> None:
+    base = {"TWOFACTOR_SIEM_ADDRESS": "127.0.0.1:6514"}
+    # A CA or a client certificate with plaintext would be a silent downgrade.
+    with pytest.raises(ConfigError, match="SIEM_TRANSPORT=tls"):
+        load_config(
+            base | {"TWOFACTOR_SIEM_TRANSPORT": "tcp", "TWOFACTOR_SIEM_CA_FILE": str(pki.ca_file)}
+        )
+    with pytest.raises(ConfigError, match="go together"):
+        load_config(base | {"TWOFACTOR_SIEM_CLIENT_CERT_FILE": str(pki.client_cert_file)})
+    settings = load_config(base).siem
+    assert settings is not None
+    assert (settings.transport, settings.format, settings.app_name) == (
+        "tls",
+        "rfc5424",
+        "twofactor",
+    )
+    assert load_config({}).siem is None
