@@ -524,11 +524,15 @@ async def test_serve_restarts_and_a_second_replica_lose_nothing_and_one_exports(
 
     async def start(name: str) -> ExportingReplica:
         port = free_port()
-        env = siem_env(settings) | {"TWOFACTOR_METRICS_ADDRESS": f"127.0.0.1:{port}"}
-        replica = start_replica(own_database, tmp_path / f"{name}.log", env=env)
-        started.append(ExportingReplica(replica, port))
-        await wait_serving(replica)
-        return started[-1]
+        env = siem_env(settings) | {
+            "TWOFACTOR_METRICS_ADDRESS": f"127.0.0.1:{port}",
+            # The exporter's comings and goings, for a failure's report.
+            "TWOFACTOR_LOG_LEVEL": "INFO",
+        }
+        one = ExportingReplica(start_replica(own_database, tmp_path / f"{name}.log", env=env), port)
+        started.append(one)
+        await wait_serving(one.replica)
+        return one
 
     async def exporting(one: ExportingReplica) -> bool:
         return _gauge(await _metrics(one.metrics_port), "twofactor_siem_exporting") == 1
