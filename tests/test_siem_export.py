@@ -374,6 +374,34 @@ async def test_cef_format_carries_every_field_escaped(rsyslog: Rsyslog, own_data
     assert_no_secret(people, got)
 
 
+async def verify_codes(served: Served, count: int) -> None:
+    """`count` audit events: VerifyCode calls with a wrong code."""
+    service = await served.actors.service()
+    for _ in range(count):
+        await served.stub.VerifyCode(
+            pb.VerifyCodeRequest(username=service.username, code="000000"),
+            metadata=service.metadata(),
+        )
+
+
+async def test_a_graceful_restart_hands_over_and_sends_nothing_twice(
+    rsyslog: Rsyslog, own_database: str
+) -> None:
+    settings = siem_settings(rsyslog, "tcp")
+    async with serve_exporting(own_database, settings) as served:
+        await verify_codes(served, 5)
+        await wait_all_arrived(rsyslog, "tcp", settings, served.runtime)
+        # Stopped at once, before the events were confirmed by time: the exporter half-closes
+        # the stream and rsyslog's close in turn proves it read them all.
+    async with serve_exporting(own_database, settings) as served:
+        async with served.runtime.pool.acquire() as conn:
+            assert await siem_cursor.lag(conn) == (0, 0.0)
+        await verify_codes(served, 5)
+        truth, got = await wait_all_arrived(rsyslog, "tcp", settings, served.runtime)
+    assert_fields(truth, got)
+    assert not duplicates(got)
+
+
 class Load:
     """VerifyCode calls with a wrong code from a service account, each one an audit event,
     against whichever servers are up; paced, not a benchmark."""

@@ -96,6 +96,8 @@ class ReceiverConnection:
         # Set when the receiver closes its side or the connection fails: a syslog receiver
         # never sends anything, so any end of the read side means it is gone.
         self.lost = asyncio.Event()
+        # The receiver ended the stream cleanly (EOF), rather than failing or resetting it.
+        self.closed_by_receiver = False
         self._watcher: asyncio.Task[None] | None = None
 
     @classmethod
@@ -135,6 +137,7 @@ class ReceiverConnection:
         try:
             while await self._reader.read(4096):
                 pass  # a receiver has nothing to say; whatever it says is ignored
+            self.closed_by_receiver = True
         except Exception:  # noqa: BLE001, S110 - any failure of the read side means "lost"
             pass
         finally:
@@ -166,6 +169,21 @@ class ReceiverConnection:
             raise ReceiverUnavailable("send", _describe(exc)) from None
         if self.lost.is_set():
             raise ReceiverUnavailable("send", "the receiver closed the connection")
+
+    async def hand_over(self, within: float) -> bool:
+        """Ends a plain TCP stream so that the receiver proves it read everything sent: our FIN
+        comes after the last byte, so the receiver sees the end of the stream only once it read
+        them all, and closes its side in turn. True when that close arrives within `within`
+        seconds; always False over TLS (asyncio cannot half-close a TLS stream)."""
+        if self.lost.is_set() or not self._writer.can_write_eof():
+            return False
+        try:
+            self._writer.write_eof()
+            async with asyncio.timeout(within):
+                await self.lost.wait()
+        except (OSError, TimeoutError):
+            return False
+        return self.closed_by_receiver
 
     def abort(self) -> None:
         self.lost.set()

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import getpass
 import logging
 import random
@@ -57,6 +58,8 @@ SETTLE_SECONDS = 1.0
 LEADER_RETRY_SECONDS = 1.0
 BACKOFF_FIRST_SECONDS = 0.5
 BACKOFF_MAX_SECONDS = 5.0
+# A graceful stop waits this long for the receiver to confirm it read everything.
+HANDOVER_SECONDS = 2.0
 DATABASE_CONNECT_TIMEOUT_SECONDS = 5.0
 DATABASE_COMMAND_TIMEOUT_SECONDS = 10.0
 DATABASE_CLOSE_TIMEOUT_SECONDS = 2.0
@@ -116,25 +119,44 @@ async def _close_database(conn: asyncpg.Connection) -> None:
         conn.terminate()
 
 
+async def _wait_for_any(events: list[asyncio.Event], seconds: float) -> None:
+    """Until one of `events` is set, `seconds` at most."""
+    waiters = [asyncio.create_task(event.wait()) for event in events]
+    try:
+        await asyncio.wait(waiters, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
+
+
 async def export_audit_events(
-    settings: SiemConfig, database_url: str, pool: asyncpg.Pool, status: ExportStatus
+    settings: SiemConfig,
+    database_url: str,
+    pool: asyncpg.Pool,
+    status: ExportStatus,
+    stopping: asyncio.Event | None = None,
 ) -> None:
-    """The server's exporter, until cancelled: waits for the exporter's lock, then exports."""
+    """The server's exporter, until cancelled or `stopping` is set: waits for the exporter's
+    lock, then exports."""
+    if stopping is None:
+        stopping = asyncio.Event()
     failing = False
-    while True:
+    while not stopping.is_set():
         conn: asyncpg.Connection | None = None
         try:
             conn = await _connect_database(database_url)
             # Polling the lock: PostgreSQL tells nobody when an advisory lock is freed.
-            while not await siem_cursor.try_lock_exporter(conn):  # noqa: ASYNC110
-                await asyncio.sleep(LEADER_RETRY_SECONDS)
+            while not await siem_cursor.try_lock_exporter(conn):
+                await _wait_for_any([stopping], LEADER_RETRY_SECONDS)
+                if stopping.is_set():
+                    return
             status.exporting = True
             failing = False
             log.info(
                 "exporting audit events to the SIEM",
                 extra={"receiver": f"{settings.host}:{settings.port}"},
             )
-            await _export(settings, conn, pool, status)
+            await _export(settings, conn, pool, status, stopping)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - the database may be down: try again soon
@@ -148,7 +170,7 @@ async def export_audit_events(
             status.exporting = status.receiver_connected = False
             if conn is not None:
                 await _close_database(conn)
-        await asyncio.sleep(LEADER_RETRY_SECONDS)
+        await _wait_for_any([stopping], LEADER_RETRY_SECONDS)
 
 
 async def _next_batch(
@@ -170,9 +192,14 @@ async def _next_batch(
 
 
 async def _export(
-    settings: SiemConfig, conn: asyncpg.Connection, pool: asyncpg.Pool, status: ExportStatus
+    settings: SiemConfig,
+    conn: asyncpg.Connection,
+    pool: asyncpg.Pool,
+    status: ExportStatus,
+    stopping: asyncio.Event,
 ) -> None:
-    """Exports while holding the lock; returns or raises only when the database fails."""
+    """Exports while holding the lock, until `stopping` (then it hands over); raises when the
+    database fails."""
     format_message = FORMATS[settings.format]
     confirmed = await siem_cursor.position(conn)
     sent = confirmed
@@ -183,6 +210,10 @@ async def _export(
     outage = False
     try:
         while True:
+            if stopping.is_set():
+                if receiver is not None and sent != confirmed:
+                    await _hand_over(receiver, conn, sent)
+                return
             if receiver is None:
                 # Whatever was not confirmed goes again: the receiver may not have read it.
                 sent = confirmed
@@ -197,7 +228,7 @@ async def _export(
                             extra={"stage": exc.stage, "error": exc.detail},
                         )
                     outage = True
-                    await asyncio.sleep(backoff.next())
+                    await _wait_for_any([stopping], backoff.next())
                     continue
                 if outage:
                     log.info("SIEM receiver reachable again; resuming the audit export")
@@ -218,7 +249,7 @@ async def _export(
                         extra={"stage": exc.stage, "error": exc.detail},
                     )
                     outage = True
-                    await asyncio.sleep(backoff.next())
+                    await _wait_for_any([stopping], backoff.next())
                     continue
                 backoff.reset()
                 EVENTS_SENT.inc(len(rows))
@@ -240,14 +271,19 @@ async def _export(
                 outage = True
                 continue
             if len(rows) < BATCH:
-                try:
-                    async with asyncio.timeout(POLL_SECONDS):
-                        await receiver.lost.wait()
-                except TimeoutError:
-                    pass
+                await _wait_for_any([receiver.lost, stopping], POLL_SECONDS)
     finally:
         if receiver is not None:
             await receiver.close()
+
+
+async def _hand_over(receiver: ReceiverConnection, conn: asyncpg.Connection, sent: Cursor) -> None:
+    """A graceful stop: when the receiver proves it read everything (siem_connection's
+    hand_over), the cursor moves past all that was sent, so the next exporter (this replica
+    restarted, or another) sends nothing twice. Otherwise the unconfirmed events go again."""
+    if await receiver.hand_over(HANDOVER_SECONDS):
+        await siem_cursor.advance(conn, sent)
+        log.info("audit export handed over: the receiver confirmed every event sent")
 
 
 class SiemExport:
@@ -262,16 +298,26 @@ class SiemExport:
         self.status = ExportStatus()
         self.collector = SiemCollector(pool, asyncio.get_running_loop(), self.status)
         self.task: asyncio.Task[None] | None = None
+        self._stopping = asyncio.Event()
 
     def start(self) -> None:
         self.task = asyncio.create_task(
-            export_audit_events(self.settings, self.database_url, self.pool, self.status)
+            export_audit_events(
+                self.settings, self.database_url, self.pool, self.status, self._stopping
+            )
         )
 
     async def stop(self) -> None:
-        """Ends the export: the receiver connection is closed, the database connection too (which
-        frees the exporter's lock for another replica at once)."""
+        """Ends the export: hands over (at most HANDOVER_SECONDS and a little), then closes the
+        receiver connection and the database connection (which frees the exporter's lock for
+        another replica at once)."""
         if self.task is None:
+            return
+        self._stopping.set()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(HANDOVER_SECONDS + 1.0):
+                await asyncio.shield(self.task)
+        if self.task.done():
             return
         self.task.cancel()
         try:
