@@ -15,7 +15,9 @@
   `SETTLE_SECONDS`: a receiver that stops closes the connection, and what it had not read yet
   is sent again on the next connection. So an event is never lost for a receiver that
   stops, crashes or is cut off; the events of the last `SETTLE_SECONDS` plus one batch before a
-  break, a restart of the exporter or a failover may arrive twice (docs/operations.md).
+  break, a crash of the exporter or a failover may arrive twice (docs/operations.md). A
+  graceful stop over plain TCP confirms the rest by a half-close (`_hand_over`), so a rolling
+  restart sends nothing twice.
 - **Back-pressure.** The export runs in its own task off the call path: calls only insert audit
   rows, as before. A slow or absent receiver delays the export, never a call; every wait is
   bounded (connect, handshake, write and acknowledgement), and reconnecting backs off
