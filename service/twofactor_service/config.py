@@ -172,8 +172,12 @@ _SIEM_VARIABLES = (
 
 
 def _syslog_name(env: Mapping[str, str], name: str, default: str, longest: int) -> str:
-    """An RFC 5424 header field: 1 to `longest` printable US-ASCII characters, no space."""
-    raw = env.get(PREFIX + name) or default
+    """An RFC 5424 header field: 1 to `longest` printable US-ASCII characters, no space; a
+    default that is none (an odd host name) becomes the NILVALUE "-"."""
+    raw = env.get(PREFIX + name)
+    if not raw:
+        fits = 1 <= len(default) <= longest and all(33 <= ord(c) <= 126 for c in default)
+        return default if fits else "-"
     if not 1 <= len(raw) <= longest or not all(33 <= ord(c) <= 126 for c in raw):
         raise ConfigError(
             f"{PREFIX}{name} must be 1 to {longest} printable ASCII characters without spaces, "
