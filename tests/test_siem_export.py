@@ -22,7 +22,7 @@ import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -42,12 +42,13 @@ from tests.support import (
     temporary_database,
     wait_until,
 )
-from twofactor_service import siem_export
+from twofactor_service import siem_export, siem_messages
 from twofactor_service.config import ConfigError, SiemConfig, load_config
 from twofactor_service.runtime import Runtime
 from twofactor_service.server import start_server
 from twofactor_service.siem_messages import SD_ID
 from twofactor_service.store import siem_cursor
+from twofactor_service.store.audit_chain import ChainRow
 
 pytestmark = pytest.mark.slow
 
@@ -724,3 +725,37 @@ def test_siem_certificates_need_tls_and_go_in_pairs(pki: TestPki) -> None:
         "twofactor",
     )
     assert load_config({}).siem is None
+
+
+# --- The messages themselves: what no audit row holds today must still not break a message.
+
+
+def _row(**fields: Any) -> ChainRow:
+    base: dict[str, Any] = {
+        "txid": 1,
+        "sequence": 7,
+        "occurred_at": datetime.now(UTC),
+        "actor": "alice",
+        "target": "bob",
+        "operation": "ResetSecret",
+        "outcome": "SUCCESS",
+        "reason": "",
+        "request_id": "r1",
+        "peer": "ipv4:10.0.0.1:5000",
+        "chain_position": None,
+        "chain_hash": None,
+    }
+    return ChainRow(**(base | fields))
+
+
+def test_control_characters_and_long_values_cannot_break_a_message() -> None:
+    row = _row(actor="mallory\n<13>1 forged\x00", target="x" * 1000, reason="é" * 300)
+    for fmt in (siem_messages.rfc5424, siem_messages.cef):
+        message = fmt(row, "twofactor", "host").decode()
+        # One line: no value can end the message or start a forged one.
+        assert not any(ord(c) < 32 for c in message), message
+        assert "mallory\\x0a<13>1 forged\\x00" in message.replace("\\\\", "\\")
+        # Each value is cut at 256 bytes of UTF-8.
+        assert "x" * 253 + "..." in message
+        assert "x" * 254 not in message
+        assert len(message.encode()) < 2048  # RFC 5425's minimum a receiver must take
