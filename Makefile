@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install run test test-ha run-ha chromium lint proto proto-check proto-release console bench clean
+.PHONY: install run test test-ha run-ha chromium rsyslog lint proto proto-check proto-release console bench clean
 
 $(STAMP): pyproject.toml clients/python/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,8 +20,9 @@ run: install
 	$(VENV)/bin/twofactor serve
 
 ## The whole suite against a real server and a real PostgreSQL, with the console's browser
-## test in headless Chromium (Debian's `chromium`; `.ci/run` installs it when missing).
-test: install chromium
+## test in headless Chromium (Debian's `chromium`) and the SIEM export's tests against Debian's
+## rsyslog (both installed when missing, as `.ci/run` runs it).
+test: install chromium rsyslog
 	$(PY) -m pytest
 
 ## Debian's Chromium for the browser test, installed with apt-get when missing (as root, as CI
@@ -29,6 +30,13 @@ test: install chromium
 chromium:
 	@command -v chromium >/dev/null || { apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
+
+## Debian's rsyslog and its GnuTLS driver, the real receiver of the SIEM export's tests
+## (tests/test_siem_export.py starts its own rsyslogd), installed with apt-get when missing
+## (as root, as CI runs). The system's own rsyslog service is never used or started.
+rsyslog:
+	@{ dpkg -s rsyslog rsyslog-gnutls >/dev/null 2>&1; } || { apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq rsyslog rsyslog-gnutls >/dev/null; }
 
 ## PostgreSQL failovers under load on a pg_auto_failover cluster (monitor + primary +
 ## synchronous standby) with two replicas: what survives, and the figures

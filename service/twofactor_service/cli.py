@@ -26,6 +26,7 @@ from twofactor_service import (
     logs,
     rules,
     secret_keys,
+    siem_export,
     sign_in,
     totp,
 )
@@ -55,7 +56,9 @@ EXIT_CODES_HELP = """exit codes:
   3  configuration error (a TWOFACTOR_* variable)
   4  account not found
   5  refused by a rule (e.g. allowlisting an account that has a key)
-  6  verify-audit: the audit log was tampered with"""
+  6  verify-audit: the audit log was tampered with
+siem-test: 0 when the receiver took the test event, 1 when a step failed, 3 when the
+  TWOFACTOR_SIEM_* settings are missing or malformed"""
 
 
 def database_url(config: Config) -> str:
@@ -111,9 +114,12 @@ def _start_tracing(config: Config) -> Tracing | None:
 
 
 async def _serve(config: Config, url: str | None = None, ready: Connection | None = None) -> None:
+    url = url or database_url(config)
     tracing = _start_tracing(config)
     runtime = await _open_runtime(config, url, tracing)
-    running = await start_server(config, runtime.pool, runtime.key_ring, runtime=runtime)
+    running = await start_server(
+        config, runtime.pool, runtime.key_ring, runtime=runtime, database_url=url
+    )
     log.info("serving", extra={"address": config.listen_address, "port": running.port})
     if ready is None:
         _announce(config, running.console.url if running.console else None)
@@ -463,6 +469,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="a chain head printed by an earlier check, kept outside the database: the chain "
         "must still hold it (repeatable)",
     )
+    sub.add_parser(
+        "siem-test",
+        help="send one test event to the SIEM as configured (TWOFACTOR_SIEM_*) and report each "
+        "step: connect, TLS handshake, sent",
+        epilog=EXIT_CODES_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     _add_account_commands(sub)
     return parser
 
@@ -552,6 +565,11 @@ def main(argv: list[str] | None = None) -> int:
             _install_uvloop()
             asyncio.run(_serve(config))
             return EXIT_OK
+        if args.command == "siem-test":
+            if config.siem is None:
+                raise ConfigError("TWOFACTOR_SIEM_ADDRESS is not set: there is no SIEM to test")
+            sent = asyncio.run(siem_export.siem_test_command(config.siem))
+            return EXIT_OK if sent else EXIT_FAILED
         if args.command == "new-encryption-key":
             print(new_key_line(f"k{uuid.uuid4().hex[:8]}"))
             return EXIT_OK

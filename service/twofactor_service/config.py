@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +50,25 @@ class TlsConfig:
 
 
 @dataclass(frozen=True)
+class SiemConfig:
+    """Where and how audit events are exported to a SIEM over syslog (siem_export.py)."""
+
+    host: str
+    port: int
+    # "tls" (RFC 5425) or "tcp" (RFC 6587 octet counting, plaintext).
+    transport: str = "tls"
+    # The receiver's CA (PEM); unset: the system's trust store. TLS only.
+    ca_file: Path | None = None
+    # A client certificate (PEM chain) and its unencrypted key, for receivers that ask. TLS only.
+    client_cert_file: Path | None = None
+    client_key_file: Path | None = None
+    # "rfc5424" (structured data) or "cef" (ArcSight Common Event Format in the syslog MSG).
+    format: str = "rfc5424"
+    app_name: str = "twofactor"
+    hostname: str = "-"
+
+
+@dataclass(frozen=True)
 class Config:
     listen_address: str = "127.0.0.1:50051"
     # None: start the embedded PostgreSQL in `data_dir`.
@@ -90,6 +110,8 @@ class Config:
     # OpenTelemetry tracing over OTLP/gRPC (tracing.py); the standard OTEL_* variables turn it
     # on, and the SDK reads the rest of them (endpoint, headers, sampler, batching) itself.
     tracing: bool = False
+    # Audit export over syslog; None (TWOFACTOR_SIEM_ADDRESS unset) turns it off.
+    siem: SiemConfig | None = None
 
     @property
     def embedded_database(self) -> bool:
@@ -171,6 +193,81 @@ def _tracing(env: Mapping[str, str]) -> bool:
     return True
 
 
+_SIEM_VARIABLES = (
+    "SIEM_TRANSPORT",
+    "SIEM_CA_FILE",
+    "SIEM_CLIENT_CERT_FILE",
+    "SIEM_CLIENT_KEY_FILE",
+    "SIEM_FORMAT",
+    "SIEM_APP_NAME",
+    "SIEM_HOSTNAME",
+)
+
+
+def _syslog_name(env: Mapping[str, str], name: str, default: str, longest: int) -> str:
+    """An RFC 5424 header field: 1 to `longest` printable US-ASCII characters, no space; a
+    default that is none (an odd host name) becomes the NILVALUE "-"."""
+    raw = env.get(PREFIX + name)
+    if not raw:
+        fits = 1 <= len(default) <= longest and all(33 <= ord(c) <= 126 for c in default)
+        return default if fits else "-"
+    if not 1 <= len(raw) <= longest or not all(33 <= ord(c) <= 126 for c in raw):
+        raise ConfigError(
+            f"{PREFIX}{name} must be 1 to {longest} printable ASCII characters without spaces, "
+            f"got {raw!r}"
+        )
+    return raw
+
+
+def _siem(env: Mapping[str, str]) -> SiemConfig | None:
+    """TWOFACTOR_SIEM_*: export is on when TWOFACTOR_SIEM_ADDRESS is set."""
+    address = env.get(PREFIX + "SIEM_ADDRESS", "")
+    if not address:
+        stray = [PREFIX + name for name in _SIEM_VARIABLES if env.get(PREFIX + name)]
+        if stray:
+            raise ConfigError(f"{', '.join(stray)} needs {PREFIX}SIEM_ADDRESS (host:port)")
+        return None
+    host, _, port = address.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ConfigError(f"{PREFIX}SIEM_ADDRESS must be host:port, got {address!r}")
+    transport = env.get(PREFIX + "SIEM_TRANSPORT", "tls").lower()
+    if transport not in ("tls", "tcp"):
+        raise ConfigError(f"{PREFIX}SIEM_TRANSPORT must be tls or tcp, got {transport!r}")
+    siem_format = env.get(PREFIX + "SIEM_FORMAT", "rfc5424").lower()
+    if siem_format not in ("rfc5424", "cef"):
+        raise ConfigError(f"{PREFIX}SIEM_FORMAT must be rfc5424 or cef, got {siem_format!r}")
+    files = {
+        name: _path(env, name)
+        for name in ("SIEM_CA_FILE", "SIEM_CLIENT_CERT_FILE", "SIEM_CLIENT_KEY_FILE")
+    }
+    for name, path in files.items():
+        if path is None:
+            continue
+        if transport != "tls":
+            # A CA or a client certificate with plaintext would be a silent downgrade.
+            raise ConfigError(f"{PREFIX}{name} needs {PREFIX}SIEM_TRANSPORT=tls")
+        if not path.is_file():
+            raise ConfigError(f"{PREFIX}{name}: no such file {str(path)!r}")
+    cert, key = files["SIEM_CLIENT_CERT_FILE"], files["SIEM_CLIENT_KEY_FILE"]
+    if bool(cert) != bool(key):
+        raise ConfigError(
+            f"{PREFIX}SIEM_CLIENT_CERT_FILE and {PREFIX}SIEM_CLIENT_KEY_FILE go together"
+        )
+    return SiemConfig(
+        host=host,
+        port=int(port),
+        transport=transport,
+        ca_file=files["SIEM_CA_FILE"],
+        client_cert_file=cert,
+        client_key_file=key,
+        format=siem_format,
+        # RFC 5424 section 6.2: APP-NAME up to 48 characters, HOSTNAME up to 255.
+        app_name=_syslog_name(env, "SIEM_APP_NAME", "twofactor", 48),
+        hostname=_syslog_name(env, "SIEM_HOSTNAME", socket.gethostname() or "-", 255),
+    )
+
+
 def load_config(env: Mapping[str, str] | None = None) -> Config:
     """Builds the configuration from the environment; raises ConfigError naming the variable."""
     env = os.environ if env is None else env
@@ -244,4 +341,5 @@ def load_config(env: Mapping[str, str] | None = None) -> Config:
         identity_cache_seconds=_int(env, "IDENTITY_CACHE_SECONDS", 2, 0, 60),
         client_certificate_accounts=certificate_accounts,
         tracing=_tracing(env),
+        siem=_siem(env),
     )

@@ -27,6 +27,7 @@ from twofactor_service.housekeeping import keep_house
 from twofactor_service.listen import AddressUnavailable, ensure_can_listen
 from twofactor_service.policy import SERVICE, load_policies
 from twofactor_service.runtime import Runtime
+from twofactor_service.siem_export import SiemExport
 from twofactor_service.store import database
 from twofactor_service.transport import access_log, metrics
 from twofactor_service.transport.identities import IdentityCache, listen
@@ -88,6 +89,8 @@ class RunningServer:
     identity_listener: asyncio.Task[None] | None = field(default=None)
     # The web console, when TWOFACTOR_CONSOLE_ADDRESS is set (the default).
     console: ConsoleEndpoint | None = field(default=None)
+    # Audit export to a SIEM, when TWOFACTOR_SIEM_ADDRESS is set (siem_export.py).
+    siem: SiemExport | None = field(default=None)
 
     async def stop(self, grace: float | None = 5.0) -> None:
         """Graceful: stop taking calls, let running ones finish within `grace` seconds."""
@@ -100,6 +103,8 @@ class RunningServer:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+        if self.siem is not None:
+            await self.siem.stop()
         if self.console is not None:
             # First: its calls (a followed audit log) end, then the server's grace applies.
             await self.console.stop()
@@ -138,9 +143,20 @@ async def _watch_database(pool: asyncpg.Pool, servicer: health.aio.HealthService
 
 
 async def start_server(
-    config: Config, pool: asyncpg.Pool, key_ring: KeyRing, *, runtime: Runtime | None = None
+    config: Config,
+    pool: asyncpg.Pool,
+    key_ring: KeyRing,
+    *,
+    runtime: Runtime | None = None,
+    database_url: str | None = None,
 ) -> RunningServer:
+    """`database_url` (default: the configured one) is where the SIEM export opens its own
+    connection, outside the pool."""
     runtime = runtime or Runtime(config=config, pool=pool, key_ring=key_ring)
+    url = database_url or config.database_url
+    if config.siem is not None and url is None:
+        raise ConfigError("the SIEM export needs the database URL")
+    siem = SiemExport(config.siem, url, pool) if config.siem is not None and url else None
     # Every method's handler passes through the call pipeline, wrapped once as it is registered.
     reporters = [access_log.reporter]
     if config.metrics_address:
@@ -188,7 +204,8 @@ async def start_server(
         if socket_dir is not None:
             console = await start_console(config, socket_dir)
         address = config.metrics_address
-        endpoint = serve_metrics(address, pool) if address else None
+        collectors = [siem.collector] if siem is not None else []
+        endpoint = serve_metrics(address, pool, collectors) if address else None
     except BaseException:
         if console is not None:
             await console.stop()
@@ -200,6 +217,8 @@ async def start_server(
     sealer = asyncio.create_task(seal_periodically(pool))
     housekeeper = asyncio.create_task(keep_house(pool, config.lockout))
     listener = asyncio.create_task(listen(identities, pool))
+    if siem is not None:
+        siem.start()
     return RunningServer(
         server,
         port,
@@ -210,4 +229,5 @@ async def start_server(
         housekeeper=housekeeper,
         identity_listener=listener,
         console=console,
+        siem=siem,
     )

@@ -204,14 +204,19 @@ class MetricsEndpoint:
         self.thread.join()
 
 
-def serve_metrics(address: str, pool: asyncpg.Pool) -> MetricsEndpoint:
-    """Starts the HTTP endpoint (any path answers, /metrics by convention) on its own thread.
-    Call from the event loop that owns `pool`."""
+def serve_metrics(
+    address: str, pool: asyncpg.Pool, collectors: Iterable[Collector] = ()
+) -> MetricsEndpoint:
+    """Starts the HTTP endpoint (any path answers, /metrics by convention) on its own thread,
+    with `collectors` besides the service's own (the SIEM export's). Call from the event loop
+    that owns `pool`."""
     host, port = split_address(address)
     registry = CollectorRegistry()
     for collector in (RPC_HANDLED, RPC_DURATION, VERIFY_OUTCOMES, VERIFY_BATCH_SIZE):
         registry.register(collector)
     registry.register(DatabaseCollector(pool, asyncio.get_running_loop()))
+    for extra in collectors:
+        registry.register(extra)
     ProcessCollector(registry=registry)
     PlatformCollector(registry=registry)
     try:
