@@ -13,6 +13,7 @@ import base64
 import hashlib
 import hmac
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeAlias
@@ -852,7 +853,7 @@ async def test_pskc_errors_name_the_element_and_nothing_is_imported(
         (document(), {"passphrase": "a wrong passphrase"}, 'KeyPackage 1 (Key Id "A1")',
          "cannot be decrypted"),
         (document(with_mac=False), {"passphrase": container.passphrase},
-         'KeyPackage 2 (Key Id "A2")', "no ValueMAC"),
+         'KeyPackage 2 (Key Id "A2")', "no valid ValueMAC"),
         (document(algorithm="hotp"), {"passphrase": container.passphrase},
          'KeyPackage 2 (Key Id "A2")', "counter-based (HOTP)"),
         (document(user_id=False), {"passphrase": container.passphrase},
@@ -860,6 +861,13 @@ async def test_pskc_errors_name_the_element_and_nothing_is_imported(
         (document(extra_data="<pskc:TimeDrift><pskc:PlainValue>2</pskc:PlainValue>"
                   "</pskc:TimeDrift>"), {"passphrase": container.passphrase},
          'KeyPackage 2 (Key Id "A2")', "TimeDrift"),
+        # A ValueMAC that checks nothing is no MAC.
+        (re.sub(rb"<pskc:ValueMAC>[^<]*", b"<pskc:ValueMAC>!!", document()),
+         {"passphrase": container.passphrase}, 'KeyPackage 1 (Key Id "A1")', "no valid ValueMAC"),
+        (document().replace(b'Length="6"', b'Length="0"'), {"passphrase": container.passphrase},
+         'KeyPackage 1 (Key Id "A1")', "0 digits are not supported"),
+        (re.sub(rb"<IterationCount>[0-9]+", b"<IterationCount>many", document()),
+         {"passphrase": container.passphrase}, "KeyContainer", "malformed"),
         (document(), {}, "EncryptionKey/DerivedKey", "give the passphrase"),
         (document(), {"pre_shared_key": os.urandom(16)}, "EncryptionKey/DerivedKey",
          "give the passphrase"),

@@ -36,6 +36,8 @@ MAX_PBKDF2_ITERATIONS = 10_000_000
 # HMAC hashes the key first, so a longer one adds nothing.
 MIN_SECRET_BYTES = 16
 MAX_SECRET_BYTES = 128
+# An empty or truncated ValueMAC would not be a check at all (HMAC-SHA1 gives 20 bytes).
+MIN_MAC_BYTES = 16
 # What the service can check (the same ranges as TWOFACTOR_TOTP_*).
 ALGORITHMS = ("SHA1", "SHA256", "SHA512")
 MIN_DIGITS, MAX_DIGITS = 6, 8
@@ -256,9 +258,29 @@ def _safe_tree(content: bytes) -> ElementTree.Element:
     return root
 
 
-def _key_locations(root: ElementTree.Element) -> list[tuple[str, bool]]:
-    """For each Key in document order, its location and whether its encrypted secret carries
-    the MAC that RFC 6030 §6.1.1 requires with CBC encryption."""
+@dataclass(frozen=True)
+class _KeyElement:
+    """What the service reads from a Key element itself, rather than trusting a reader's
+    leniency: where it is, what is wrong with it, and the numbers it declares."""
+
+    location: str
+    problem: str | None
+    digits: int | None
+    period: int | None
+
+
+def _declared_number(text: str | None, what: str, location: str) -> int | None:
+    if text is None:
+        return None
+    if not _WHOLE_NUMBER.fullmatch(text.strip()):
+        raise InvalidKeyFile(location, f"{what} {text.strip()[:16]!r} is not a whole number")
+    return int(text)
+
+
+def _key_elements(root: ElementTree.Element) -> list[_KeyElement]:
+    """Each Key in document order, with its location, the digits (ResponseFormat Length) and
+    period (TimeInterval) it declares, and whether its encrypted secret carries the MAC that
+    RFC 6030 §6.1.1 requires with CBC encryption, in a form that can be checked."""
     found = []
     for package_number, package in enumerate(root.iter(f"{_PSKC}KeyPackage"), start=1):
         for key in package.iter(f"{_PSKC}Key"):
@@ -266,13 +288,30 @@ def _key_locations(root: ElementTree.Element) -> list[tuple[str, bool]]:
             location = f"KeyPackage {package_number}" + (
                 f' (Key Id "{key_id[:64]}")' if key_id is not None else ""
             )
+            problem = None
             secret = key.find(f"{_PSKC}Data/{_PSKC}Secret")
-            mac_missing = (
-                secret is not None
-                and secret.find(f"{_PSKC}EncryptedValue") is not None
-                and secret.find(f"{_PSKC}ValueMAC") is None
+            if secret is not None and secret.find(f"{_PSKC}EncryptedValue") is not None:
+                mac = secret.findtext(f"{_PSKC}ValueMAC")
+                try:
+                    mac_bytes = base64.b64decode((mac or "").strip(), validate=True)
+                except binascii.Error:
+                    mac_bytes = b""
+                if len(mac_bytes) < MIN_MAC_BYTES:
+                    problem = (
+                        "its encrypted Secret has no valid ValueMAC (RFC 6030 §6.1.1 requires "
+                        "one with CBC)"
+                    )
+            response = key.find(f"{_PSKC}AlgorithmParameters/{_PSKC}ResponseFormat")
+            length = response.get("Length") if response is not None else None
+            interval = key.findtext(f"{_PSKC}Data/{_PSKC}TimeInterval/{_PSKC}PlainValue")
+            found.append(
+                _KeyElement(
+                    location,
+                    problem,
+                    _declared_number(length, "ResponseFormat Length", location),
+                    _declared_number(interval, "TimeInterval", location),
+                )
             )
-            found.append((location, mac_missing))
     return found
 
 
@@ -328,7 +367,8 @@ def _open_container(pskc: PSKC, keys: PskcKeys) -> None:
     encryption.key = keys.pre_shared_key
 
 
-def _pskc_key(key: PskcKey, location: str, keys: PskcKeys) -> ImportedKey:
+def _pskc_key(key: PskcKey, element: _KeyElement, keys: PskcKeys) -> ImportedKey:
+    location = element.location
     algorithm = (key.algorithm or "").strip()
     if algorithm.lower() == _HOTP_ALGORITHM:
         raise InvalidKeyFile(
@@ -353,10 +393,10 @@ def _pskc_key(key: PskcKey, location: str, keys: PskcKeys) -> ImportedKey:
     username = _username(account, location)
     try:
         raw = key.secret
-        period = key.time_interval
+        period = element.period if element.period is not None else key.time_interval
         offset = key.time_offset
         drift = key.time_drift
-    except PSKCError:
+    except (PSKCError, ValueError):
         raise InvalidKeyFile(
             location,
             "cannot be decrypted: the pre-shared key or passphrase is wrong, or the MAC does "
@@ -371,7 +411,7 @@ def _pskc_key(key: PskcKey, location: str, keys: PskcKeys) -> ImportedKey:
         )
     parameters = _parameters(
         _hash_of_suite(key.algorithm_suite, location),
-        key.response_length if key.response_length is not None else DEFAULT_PARAMETERS.digits,
+        element.digits if element.digits is not None else DEFAULT_PARAMETERS.digits,
         period if period is not None else DEFAULT_PARAMETERS.period_seconds,
         location,
     )
@@ -383,27 +423,29 @@ def parse_pskc(content: bytes, keys: PskcKeys) -> list[ImportedKey]:
     Runs PBKDF2 (hashlib, which releases the GIL): call it off the event loop."""
     _check_size(content)
     root = _safe_tree(content)
-    locations = _key_locations(root)
-    _check_count(len(locations))
+    _check_count(sum(1 for _ in root.iter(f"{_PSKC}Key")))
+    elements = _key_elements(root)
     try:
         pskc = PSKC(io.BytesIO(content))
     except PSKCError as exc:
         raise InvalidKeyFile("KeyContainer", str(exc)) from None
-    if len(pskc.keys) != len(locations):
+    except ValueError:  # a malformed number or base64 value (binascii.Error too)
+        # Not the reader's words: they may quote the value, and the value may be secret.
+        raise InvalidKeyFile(
+            "KeyContainer", "a number or base64 value in the document is malformed"
+        ) from None
+    if len(pskc.keys) != len(elements):
         raise InvalidKeyFile("KeyContainer", "the keys of the document could not be told apart")
-    if not locations:
+    if not elements:
         raise InvalidKeyFile("KeyContainer", "holds no KeyPackage with a Key")
     _open_container(pskc, keys)
     wanted = set(keys.key_accounts or {})
     found = []
-    for key, (location, mac_missing) in zip(pskc.keys, locations, strict=True):
-        if mac_missing:
-            raise InvalidKeyFile(
-                location,
-                "its encrypted Secret has no ValueMAC (RFC 6030 §6.1.1 requires one with CBC)",
-            )
+    for key, element in zip(pskc.keys, elements, strict=True):
+        if element.problem is not None:
+            raise InvalidKeyFile(element.location, element.problem)
         wanted.discard(key.id or "")
-        found.append(_pskc_key(key, location, keys))
+        found.append(_pskc_key(key, element, keys))
     if wanted:
         raise InvalidArgument(
             "key_accounts", f"names Key Id {sorted(wanted)[0][:64]!r}, which is not in the file"
