@@ -9,11 +9,13 @@ original secrets.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
 import os
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeAlias
@@ -494,6 +496,29 @@ async def test_an_account_with_a_key_is_refused_unless_replacing_which_ends_its_
     ]
 
 
+async def test_two_imports_of_the_same_accounts_at_once_end_with_one_files_keys(
+    actors: Actors, stub: Stub
+) -> None:
+    """Both lock the accounts in the same order: no deadlock, and one whole file wins."""
+    admin = await actors.admin()
+    names = await accounts(actors, 3)
+    first = [new_seed(name) for name in names]
+    second = [new_seed(name, digits=8) for name in reversed(names)]
+
+    outcomes = await asyncio.gather(
+        import_file(stub, admin, otpauth_file(*(otpauth_uri(s) for s in first))),
+        import_file(stub, admin, otpauth_file(*(otpauth_uri(s) for s in second))),
+        return_exceptions=True,
+    )
+
+    failures = [o for o in outcomes if isinstance(o, grpc.aio.AioRpcError)]
+    assert len(failures) == 1, outcomes
+    assert error_reason(failures[0]) == "ACCOUNT_HAS_KEY"
+    winner = first if not isinstance(outcomes[0], BaseException) else second
+    for seed in winner:
+        assert (await signs_in_with(stub, actors, seed)).session.token
+
+
 async def test_own_and_excluded_accounts_are_refused(actors: Actors, stub: Stub) -> None:
     admin = await actors.admin()
     excluded = await actors.create("excluded", excluded=True)
@@ -910,8 +935,7 @@ async def test_xml_with_a_dtd_or_entities_is_refused_before_it_is_read(
 
 @pytest.fixture
 def twofactor(database_url: str) -> Any:
-    import asyncio
-    import sys
+    """`twofactor` as a subprocess (as tests/test_cli.py runs it), with bytes on stdin."""
 
     async def run(*args: str, stdin: bytes = b"", **env: str) -> Run:
         process = await asyncio.create_subprocess_exec(
