@@ -44,6 +44,7 @@ from tests.support import (
 )
 from tests.test_cli import Run, cli_env
 from twofactor_service import key_files
+from twofactor_service.runtime import Runtime
 from twofactor_service.store.database import Connection
 
 Stub: TypeAlias = "pb_grpc.TwoFactorServiceAsyncStub"
@@ -677,7 +678,9 @@ async def test_every_account_gets_an_audit_event_and_no_secret_is_in_audit_or_lo
     assert all(seed.secret not in row["ciphertext"] for row in stored for seed in seeds)
 
 
-async def test_limits_and_missing_format_are_invalid_arguments(actors: Actors, stub: Stub) -> None:
+async def test_limits_and_missing_format_are_invalid_arguments(
+    actors: Actors, stub: Stub, runtime: Runtime
+) -> None:
     admin = await actors.admin()
     too_many = otpauth_file(
         *(f"otpauth://totp/u{i}?secret={'A' * 32}" for i in range(key_files.MAX_KEYS + 1))
@@ -690,6 +693,8 @@ async def test_limits_and_missing_format_are_invalid_arguments(actors: Actors, s
         )
     )
     empty = await refused(import_file(stub, admin, b""))
+    # Past the server's message limit (TWOFACTOR_MAX_MESSAGE_BYTES), gRPC itself refuses.
+    huge = await refused(import_file(stub, admin, b"#" * (runtime.config.max_message_bytes + 1)))
     not_utf8 = await refused(import_file(stub, admin, b"# ok\n\xff\xfe\n"))
 
     assert over.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -699,6 +704,7 @@ async def test_limits_and_missing_format_are_invalid_arguments(actors: Actors, s
         "format",
     )
     assert empty.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert huge.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert error_info(not_utf8).metadata["location"] == "line 2"
 
 
