@@ -453,13 +453,16 @@ async def test_the_same_account_twice_is_refused(actors: Actors, stub: Stub) -> 
     assert "line 1" in (failure.details() or "")
 
 
-async def test_an_account_with_a_key_is_refused_unless_replacing_which_ends_its_sessions(
+async def test_an_account_with_a_key_is_refused_unless_replacing_which_ends_its_sessions_and_codes(
     actors: Actors, stub: Stub
 ) -> None:
     admin = await actors.admin()
     (fresh,) = await accounts(actors, 1)
     holder = await actors.user()
     old_secret = holder.secret
+    recovery = await stub.GenerateRecoveryCodes(
+        pb.GenerateRecoveryCodesRequest(code=holder.next_code()), metadata=holder.metadata()
+    )
     seeds = [new_seed(fresh), new_seed(holder.username, digits=8)]
     content = otpauth_file(*(otpauth_uri(s) for s in seeds))
 
@@ -488,6 +491,18 @@ async def test_an_account_with_a_key_is_refused_unless_replacing_which_ends_its_
         )
     )
     assert with_old_key.code() == grpc.StatusCode.UNAUTHENTICATED
+    # The old key's recovery codes went with it, as a reset voids them.
+    assert (await state_of(stub, admin, holder.username)).recovery_codes_remaining == 0
+    with_recovery_code = await refused(
+        stub.SignIn(
+            pb.SignInRequest(
+                username=holder.username,
+                password=PASSWORD,
+                recovery_code=recovery.recovery_codes[0],
+            )
+        )
+    )
+    assert with_recovery_code.code() == grpc.StatusCode.UNAUTHENTICATED
     assert (await signs_in_with(stub, actors, seeds[1])).session.token
     events = await audit_events(
         stub, admin, target_username=holder.username, operation="ImportSecrets"

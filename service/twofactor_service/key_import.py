@@ -6,8 +6,8 @@ key gets is what an enrolled key gets: encrypted at rest with the account bound 
 key with the parameters it declares, the account off the allowlist (ENROLLED), and an audit
 event per account (never the secret). Like a reset, it is an administrator's change of another
 account's key: the same right, never one's own account, step-up proof when any account of the
-file is protected, and the account's sessions end (a session opened with a replaced key must
-not outlive it).
+file is protected, and the account's sessions and recovery codes end (neither may outlive the
+key they were opened or made beside).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from twofactor_service.code_checks import SECRET_PURPOSE
 from twofactor_service.key_files import ImportedKey, KeyFileFormat, PskcKeys
 from twofactor_service.rules import Actor
 from twofactor_service.runtime import Runtime
-from twofactor_service.store import accounts, audit, keys, sessions
+from twofactor_service.store import accounts, audit, keys, recovery_codes, sessions
 from twofactor_service.store.accounts import AccountRecord, username_key
 from twofactor_service.totp import KeyParameters
 
@@ -148,6 +148,9 @@ async def import_secrets(runtime: Runtime, caller: Caller, request: ImportReques
         )
         await accounts.leave_lists(conn, account_ids)
         await sessions.end_all_of(conn, account_ids)
+        # Recovery codes belong to the key they were made beside: a replaced key's go with it,
+        # as a reset voids them.
+        await recovery_codes.void_all_of(conn, account_ids)
         await audit.append_many(
             conn,
             [

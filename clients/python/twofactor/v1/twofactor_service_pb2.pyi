@@ -1742,8 +1742,9 @@ class ImportSecretsRequest(_message.Message):
     are protected.
     """
     replace_existing_keys: _builtins.bool
-    """Replace the active key of accounts that have one (their sessions end,
-    as with ResetSecret). Without it such an account is refused.
+    """Replace the active key of accounts that have one (their sessions and
+    recovery codes end, as with ResetSecret). Without it such an account is
+    refused.
     """
     pre_shared_key: _builtins.bytes
     """PSKC encrypted with a pre-shared key (RFC 6030 §6.1): that key, 16, 24

@@ -454,9 +454,9 @@ class TwoFactorServiceServicer:
         `location`). Each account must exist, must not be excluded and must not
         be the caller's own; one that has an active key is refused unless
         `replace_existing_keys` is set. An imported key is active at once: the
-        account leaves the allowlist (ENROLLED), its pending key and sessions
-        end, and one audit event per account records the import (never the
-        secret). Needs the right of ResetSecret, and step-up proof when any
+        account leaves the allowlist (ENROLLED), its pending key, sessions and
+        recovery codes end, and one audit event per account records the import
+        (never the secret). Needs the right of ResetSecret, and step-up proof when any
         account in the file is protected (the proof is per call).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
