@@ -1733,7 +1733,7 @@ class ImportSecretsRequest(_message.Message):
     """The file's format; required."""
     content: _builtins.bytes
     """The file: otpauth:// URIs (UTF-8, one per line) or a PSKC document. At
-    most 1 MiB and 1000 keys, and no larger than the server's message size
+    most 4 MiB and 1000 keys, and no larger than the server's message size
     limit (TWOFACTOR_MAX_MESSAGE_BYTES).
     """
     validate_only: _builtins.bool
