@@ -317,6 +317,14 @@ def _key_elements(root: ElementTree.Element) -> list[_KeyElement]:
     return found
 
 
+def _first_declared(own: int | None, library: int | None, default: int) -> int:
+    """A number as the element declares it (read here), else as the PSKC reader found it
+    elsewhere (an older layout, an encrypted value), else the TOTP default."""
+    if own is not None:
+        return own
+    return library if library is not None else default
+
+
 def _hash_of_suite(suite: str | None, location: str) -> str:
     """AlgorithmParameters/Suite of a TOTP key: SHA1 when absent, as RFC 6238 §1.2 has it."""
     if not suite:
@@ -395,7 +403,9 @@ def _pskc_key(key: PskcKey, element: _KeyElement, keys: PskcKeys) -> ImportedKey
     username = _username(account, location)
     try:
         raw = key.secret
-        period = element.period if element.period is not None else key.time_interval
+        period = _first_declared(
+            element.period, key.time_interval, DEFAULT_PARAMETERS.period_seconds
+        )
         offset = key.time_offset
         drift = key.time_drift
     except (PSKCError, ValueError):
@@ -413,8 +423,8 @@ def _pskc_key(key: PskcKey, element: _KeyElement, keys: PskcKeys) -> ImportedKey
         )
     parameters = _parameters(
         _hash_of_suite(key.algorithm_suite, location),
-        element.digits if element.digits is not None else DEFAULT_PARAMETERS.digits,
-        period if period is not None else DEFAULT_PARAMETERS.period_seconds,
+        _first_declared(element.digits, key.response_length, DEFAULT_PARAMETERS.digits),
+        period,
         location,
     )
     return ImportedKey(location, username, _secret(raw, location), parameters)
