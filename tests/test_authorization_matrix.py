@@ -17,8 +17,10 @@ import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeAlias
+from urllib.parse import quote
 
 import grpc
+import pyotp
 import pytest
 from google.protobuf.message import Message
 from twofactor.v1 import enums_pb2
@@ -143,6 +145,8 @@ EXPECTED: dict[str, dict[Actor, Expected]] = {
     "SetAccountProtection": ADMIN_CHANGE,
     "GrantRight": ADMIN_CHANGE,
     "RevokeRight": ADMIN_CHANGE,
+    # The accounts changed are named in the file; a protected one needs step-up.
+    "ImportSecrets": ADMIN_CHANGE,
 }
 
 
@@ -242,6 +246,13 @@ async def create_account_request(case: Case) -> Message:
     )
 
 
+async def import_secrets_request(case: Case) -> Message:
+    """A file giving a fresh account (protected in the protected-target cases) a key."""
+    target = await case.target()
+    uri = f"otpauth://totp/Matrix:{quote(target.username)}?secret={pyotp.random_base32(32)}"
+    return pb.ImportSecretsRequest(format=enums_pb2.IMPORT_FORMAT_OTPAUTH, content=uri.encode())
+
+
 def constant(message: Message) -> Callable[[Case], Awaitable[Message]]:
     async def build(case: Case) -> Message:
         return message
@@ -299,6 +310,7 @@ REQUESTS: dict[str, Callable[[Case], Awaitable[Message]]] = {
     "SetAccountProtection": naming(pb.SetAccountProtectionRequest, protected=True),
     "GrantRight": naming(pb.GrantRightRequest, right=right_message(VERIFY_RIGHT)),
     "RevokeRight": naming(pb.RevokeRightRequest, "with-right", right=right_message(VERIFY_RIGHT)),
+    "ImportSecrets": import_secrets_request,
 }
 
 

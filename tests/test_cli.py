@@ -93,6 +93,7 @@ COMMANDS = [
     ["delete-key"],
     ["set-protection"],
     ["enroll"],
+    ["import"],
     ["create-user"],
     ["grant"],
     ["revoke"],

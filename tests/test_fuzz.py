@@ -137,7 +137,15 @@ def _fill(message: Message, values: dict[str, Any]) -> Message:
         target = getattr(message, name)
         if field.is_repeated:
             for item in value:
-                if field.type == FieldDescriptor.TYPE_MESSAGE:
+                if field.message_type is not None and field.message_type.GetOptions().map_entry:
+                    # A map<K, V> field: on the wire, repeated (key, value) entries.
+                    entry = field.message_type.fields_by_name
+                    key, entry_value = item["key"], item["value"]
+                    # An unset key or value of a map entry is its type's default.
+                    target[key if key is not None else entry["key"].default_value] = (
+                        entry_value if entry_value is not None else entry["value"].default_value
+                    )
+                elif field.type == FieldDescriptor.TYPE_MESSAGE:
                     _fill(target.add(), item)
                 else:
                     target.append(item)

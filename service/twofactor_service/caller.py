@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from twofactor_service.rules import Actor
@@ -16,6 +17,10 @@ class Caller:
     operation: str
     request_id: str
     peer: str
+    # For an operation that learns its targets from a payload (ImportSecrets): checks the
+    # step-up proof the call carries, for a protected account it names (the call pipeline's
+    # step 5, deferred). None where no proof can come with the call (the command line).
+    prove_step_up: Callable[[str], Awaitable[None]] | None = None
 
     def audit(self, target: str, *, success: bool = True, reason: str = "") -> AuditEntry:
         return AuditEntry(

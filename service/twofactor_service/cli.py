@@ -22,6 +22,8 @@ from twofactor_service import (
     administration,
     audit_chain,
     errors,
+    key_files,
+    key_import,
     key_rotation,
     logs,
     rules,
@@ -397,6 +399,104 @@ async def _enroll(runtime: Runtime, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _read_import_file(path: str, what: str) -> bytes:
+    """A file named on the command line ("-": standard input), read up to one byte past the
+    import's bound, so an oversized one is refused without being read whole."""
+    limit = key_files.MAX_FILE_BYTES + 1
+    try:
+        if path == "-":
+            return sys.stdin.buffer.read(limit)
+        with open(path, "rb") as f:
+            return f.read(limit)
+    except OSError as exc:
+        raise errors.InvalidArgument(what, f"cannot read {path}: {exc.strerror}") from None
+
+
+def _pre_shared_key(path: str) -> bytes:
+    """A PSKC pre-shared key file: the key in hex (as vendors send it), or its raw bytes."""
+    data = _read_import_file(path, "--psk-file")
+    text = data.decode("ascii", "replace").strip().replace(" ", "").replace(":", "")
+    try:
+        return bytes.fromhex(text)
+    except ValueError:
+        return data
+
+
+def _key_map(path: str) -> dict[str, str]:
+    """`KeyId,username` lines: the accounts of PSKC keys that carry no UserId."""
+    mapping: dict[str, str] = {}
+    text = _read_import_file(path, "--key-map").decode("utf-8", "replace")
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        key_id, sep, username = line.partition(",")
+        if not sep or not key_id.strip() or not username.strip():
+            raise errors.InvalidArgument("--key-map", f"line {number}: write KeyId,username")
+        mapping[key_id.strip()] = username.strip()
+    return mapping
+
+
+def _detect_format(content: bytes) -> key_files.KeyFileFormat:
+    """A PSKC file is XML; anything else is read as otpauth:// URIs."""
+    xml = content.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"<")
+    return key_files.KeyFileFormat.PSKC if xml else key_files.KeyFileFormat.OTPAUTH
+
+
+async def _import(runtime: Runtime, args: argparse.Namespace) -> int:
+    """`twofactor import`: the same operation as ImportSecrets, by the operator at the
+    database's side (no step-up: no session, as with reset-key)."""
+    content = _read_import_file(args.file, "file")
+    file_format = key_files.KeyFileFormat(args.format) if args.format else _detect_format(content)
+    passphrase = ""
+    if args.passphrase:
+        passphrase = os.environ.get("TWOFACTOR_IMPORT_PASSPHRASE") or getpass.getpass(
+            "PSKC passphrase: "
+        )
+    report = await key_import.import_secrets(
+        runtime,
+        _cli_caller("ImportSecrets"),
+        key_import.ImportRequest(
+            file_format=file_format,
+            content=content,
+            validate_only=args.dry_run,
+            replace_existing_keys=args.replace,
+            pskc=key_files.PskcKeys(
+                pre_shared_key=_pre_shared_key(args.psk_file) if args.psk_file else b"",
+                passphrase=passphrase,
+                key_accounts=_key_map(args.key_map) if args.key_map else None,
+            ),
+        ),
+    )
+    if args.json:
+        entries = [
+            {
+                "location": entry.location,
+                "username": entry.username,
+                "algorithm": entry.parameters.algorithm,
+                "digits": entry.parameters.digits,
+                "period_seconds": entry.parameters.period_seconds,
+                "replaces_existing_key": entry.replaces_existing_key,
+                "protected": entry.protected,
+            }
+            for entry in report.keys
+        ]
+        print(json.dumps({"validate_only": report.validate_only, "secrets": entries}))
+        return EXIT_OK
+    for entry in report.keys:
+        parameters = entry.parameters
+        what = "replaces its key" if entry.replaces_existing_key else "new key"
+        print(
+            f"{entry.location}: {entry.username}: {parameters.algorithm}, "
+            f"{parameters.digits} digits, {parameters.period_seconds} s ({what})"
+        )
+    count = len(report.keys)
+    if report.validate_only:
+        print(f"dry run: {count} keys would be imported; nothing was changed")
+    else:
+        print(f"imported {count} keys ({file_format.value}); the accounts are ENROLLED")
+    return EXIT_OK
+
+
 def _worker_count(raw: str) -> int:
     if not raw.isdigit() or not 1 <= int(raw) <= 64:
         raise argparse.ArgumentTypeError("must be a whole number from 1 to 64")
@@ -538,6 +638,43 @@ def _add_account_commands(sub: Any) -> None:
         "then asks for a code (stdin) and activates the key",
     )
     enroll.add_argument("--no-qr", action="store_true", help="do not draw the QR code")
+    imports = command(
+        "import",
+        "give existing accounts the keys they already hold, from otpauth:// URIs (one per line) "
+        "or a PSKC (RFC 6030) file: the whole file or nothing; the accounts are then ENROLLED",
+        username=False,
+    )
+    imports.add_argument("file", help="the file to import; - for standard input")
+    imports.add_argument(
+        "--format",
+        choices=[f.value for f in key_files.KeyFileFormat],
+        help="the file's format (default: pskc when it starts with '<', else otpauth)",
+    )
+    imports.add_argument(
+        "--dry-run", action="store_true", help="check everything, report, change nothing"
+    )
+    imports.add_argument(
+        "--replace",
+        action="store_true",
+        help="replace the key of accounts that have one (their sessions end); else refused",
+    )
+    imports.add_argument(
+        "--psk-file",
+        metavar="FILE",
+        help="PSKC encrypted with a pre-shared key (RFC 6030 6.1): a file holding the key in "
+        "hex, or its raw 16/24/32 bytes",
+    )
+    imports.add_argument(
+        "--passphrase",
+        action="store_true",
+        help="PSKC encrypted with a passphrase (RFC 6030 6.2, PBKDF2): read from "
+        "TWOFACTOR_IMPORT_PASSPHRASE, else asked at the prompt",
+    )
+    imports.add_argument(
+        "--key-map",
+        metavar="FILE",
+        help="PSKC: 'KeyId,username' lines naming the account of each key without a UserId",
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -589,6 +726,7 @@ def main(argv: list[str] | None = None) -> int:
             "delete-key": lambda runtime: _delete_key(runtime, args),
             "set-protection": lambda runtime: _set_protection(runtime, args),
             "enroll": lambda runtime: _enroll(runtime, args),
+            "import": lambda runtime: _import(runtime, args),
         }
         return asyncio.run(_with_runtime(config, work[args.command]))
     except ConfigError as exc:
@@ -602,6 +740,8 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_NOT_FOUND
     except errors.TwoFactorError as exc:
         print(f"error: {exc.message}", file=sys.stderr)
+        if exc.reason == errors.AccountNotFound.reason:
+            return EXIT_NOT_FOUND  # an import file naming an unknown account
         return EXIT_USAGE if isinstance(exc, errors.InvalidArgument) else EXIT_REFUSED
     except (OSError, asyncpg.PostgresError) as exc:
         print(f"error: database unavailable ({type(exc).__name__})", file=sys.stderr)

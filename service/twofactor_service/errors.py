@@ -16,6 +16,9 @@ class TwoFactorError(Exception):
     # add to the very load or outage being reported (it is still logged and counted), nor where
     # the operation recorded it already (a failed attempt, with its settlement).
     audited: bool = True
+    # Where in the request's payload the problem is (a line or an element of an import file),
+    # sent as ErrorInfo metadata `location`; empty when the request has no such payload.
+    location: str = ""
 
     def __init__(self, message: str, *, retry_after_seconds: float | None = None) -> None:
         super().__init__(message)
@@ -36,6 +39,28 @@ class InvalidArgument(TwoFactorError):
     def __init__(self, field: str, message: str) -> None:
         super().__init__(f"{field}: {message}")
         self.field = field
+
+
+class InvalidKeyFile(InvalidArgument):
+    """A file of keys to import (or one entry of it) cannot be imported as it is."""
+
+    reason = "INVALID_KEY_FILE"
+
+    def __init__(self, location: str, message: str) -> None:
+        super().__init__("content", f"{location}: {message}" if location else message)
+        self.location = location
+
+
+class ImportRefused(TwoFactorError):
+    """An entry of an import file names an account that cannot take the key (FAILED_PRECONDITION,
+    or NOT_FOUND for an unknown account): the whole file is refused."""
+
+    def __init__(self, location: str, reason: str, message: str) -> None:
+        super().__init__(f"{location}: {message}")
+        self.reason = reason
+        self.location = location
+        if reason == AccountNotFound.reason:
+            self.code = grpc.StatusCode.NOT_FOUND
 
 
 class AccountNotFound(TwoFactorError):

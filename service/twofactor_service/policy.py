@@ -43,6 +43,7 @@ def method_policy(method: MethodDescriptor) -> MethodPolicy:
         require_two_factor=declared.require_two_factor,
         allow_self_without_right=declared.allow_self_without_right,
         protects_target=declared.protects_target,
+        protects_targets_in_payload=declared.protects_targets_in_payload,
         target_field=_target_field(method),
         request_type=method.input_type.full_name,
     )

@@ -78,6 +78,9 @@ class MethodPolicy:
     require_two_factor: bool = False
     allow_self_without_right: bool = False
     protects_target: bool = False
+    # The accounts changed are named inside a payload the operation parses (ImportSecrets): it
+    # asks for step-up proof when any of them is protected.
+    protects_targets_in_payload: bool = False
     # The request field naming the target account, if any.
     target_field: str | None = None
     # The request message's full name, for the refusal of bytes that do not parse as it.
@@ -264,4 +267,30 @@ def check_allowlist_add_allowed(target: str, *, has_active_key: bool, excluded: 
         raise RuleViolation(
             "ACCOUNT_HAS_KEY",
             f"account {target!r} already has a secret key; reset the key instead",
+        )
+
+
+def check_import_allowed(
+    actor: Actor | None, target: str, *, has_active_key: bool, excluded: bool, replace: bool
+) -> None:
+    """O12: an imported key is an administrator's change of another account's key, as a reset
+    is (so never one's own, nor an excluded account's), and it never overwrites a key unless
+    the caller asked for that."""
+    if actor is not None and same_account(actor.username, target):
+        raise RuleViolation(
+            "OWN_KEY_IMPORT",
+            "you cannot import a key for your own account; regenerate it with "
+            "BeginRegenerateSecret",
+        )
+    if excluded:
+        raise RuleViolation(
+            "ACCOUNT_EXCLUDED",
+            f"account {target!r} is on the exclusion list (it signs in without 2FA); remove it "
+            "from there first",
+        )
+    if has_active_key and not replace:
+        raise RuleViolation(
+            "ACCOUNT_HAS_KEY",
+            f"account {target!r} already has a secret key; import with replace_existing_keys "
+            "(--replace) to replace it",
         )

@@ -239,3 +239,32 @@ async def list_accounts(
         limit,
     )
     return [_record(r) for r in rows]
+
+
+async def find_many(conn: Connection, usernames: list[str]) -> dict[str, AccountRecord]:
+    """The accounts of these names that exist, by username key."""
+    rows = await conn.fetch(
+        _SELECT_ACCOUNT + "WHERE a.username_key = ANY($1::text[])",
+        [username_key(name) for name in usernames],
+    )
+    return {username_key(r["username"]): _record(r) for r in rows}
+
+
+async def lock_many(conn: Connection, usernames: list[str]) -> dict[str, AccountRecord]:
+    """Locks the accounts of these names that exist, in id order (two transactions locking
+    overlapping sets queue instead of deadlocking), then reads them, by username key."""
+    account_ids = await conn.fetch(
+        "SELECT id FROM accounts WHERE username_key = ANY($1::text[]) ORDER BY id FOR UPDATE",
+        [username_key(name) for name in usernames],
+    )
+    rows = await conn.fetch(
+        _SELECT_ACCOUNT + "WHERE a.id = ANY($1::bigint[])", [r["id"] for r in account_ids]
+    )
+    return {username_key(r["username"]): _record(r) for r in rows}
+
+
+async def leave_lists(conn: Connection, account_ids: list[int]) -> None:
+    """Takes the accounts off the allowlist: they have a key now (O12, as enrollment does)."""
+    await conn.execute(
+        "UPDATE accounts SET allowlisted = false WHERE id = ANY($1::bigint[])", account_ids
+    )

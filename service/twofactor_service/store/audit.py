@@ -47,6 +47,26 @@ async def append(conn: Connection, entry: AuditEntry) -> None:
     )
 
 
+async def append_many(conn: Connection, entries: list[AuditEntry]) -> None:
+    """One event per entry, in order, in one round trip (an import's event per account)."""
+    await conn.executemany(
+        "INSERT INTO audit_events (actor, target, operation, outcome, reason, request_id, peer)"
+        " VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        [
+            (
+                entry.actor,
+                entry.target,
+                entry.operation,
+                "SUCCESS" if entry.success else "FAILURE",
+                entry.reason,
+                entry.request_id,
+                entry.peer,
+            )
+            for entry in entries
+        ],
+    )
+
+
 _COLUMNS = "sequence, occurred_at, actor, target, operation, outcome, reason, request_id, peer"
 
 

@@ -191,3 +191,33 @@ async def reseal(conn: Connection, key_id: int, old: Sealed, sealed: Sealed) -> 
         sealed.ciphertext,
     )
     return result.endswith(" 1")
+
+
+async def replace_with_active(
+    conn: Connection, entries: list[tuple[int, Sealed, KeyParameters]]
+) -> None:
+    """Makes each (account id, sealed secret, parameters) the account's only key, active now,
+    with no time step used yet: an import (O12). Its pending key (with the enrollment ticket
+    that confirms it) and its old active key are deleted. Call inside a transaction, with the
+    accounts locked."""
+    account_ids = [account_id for account_id, _, _ in entries]
+    await conn.execute("DELETE FROM secret_keys WHERE account_id = ANY($1::bigint[])", account_ids)
+    await conn.execute(
+        """
+        INSERT INTO secret_keys (account_id, state, encryption_key_id, nonce, ciphertext,
+                                 algorithm, digits, period_seconds)
+        SELECT account_id, 'ACTIVE', encryption_key_id, nonce, ciphertext,
+               algorithm, digits, period_seconds
+        FROM unnest($1::bigint[], $2::text[], $3::bytea[], $4::bytea[], $5::text[],
+                    $6::integer[], $7::integer[])
+             AS k(account_id, encryption_key_id, nonce, ciphertext, algorithm, digits,
+                  period_seconds)
+        """,
+        account_ids,
+        [sealed.key_id for _, sealed, _ in entries],
+        [sealed.nonce for _, sealed, _ in entries],
+        [sealed.ciphertext for _, sealed, _ in entries],
+        [parameters.algorithm for _, _, parameters in entries],
+        [parameters.digits for _, _, parameters in entries],
+        [parameters.period_seconds for _, _, parameters in entries],
+    )

@@ -66,6 +66,13 @@ async def void(conn: Connection, account_id: int) -> int:
     return unused
 
 
+async def void_all_of(conn: Connection, account_ids: list[int]) -> None:
+    """Deletes the codes of these accounts (an import gives them keys: O12)."""
+    await conn.execute(
+        "DELETE FROM recovery_codes WHERE account_id = ANY($1::bigint[])", account_ids
+    )
+
+
 async def use(conn: Connection, code_id: int) -> bool:
     """Marks the code used, atomically: True for exactly one caller, even when two replicas get
     the same code at the same moment (the row lock serialises them and the second finds it used,

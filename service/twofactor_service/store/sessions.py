@@ -160,3 +160,11 @@ async def take_ticket(conn: Connection, ticket: str) -> tuple[int, int] | None:
 
 async def end_ticket(conn: Connection, ticket: str) -> None:
     await conn.execute("DELETE FROM enrollment_tickets WHERE ticket_hash = $1", token_hash(ticket))
+
+
+async def end_all_of(conn: Connection, account_ids: list[int]) -> int:
+    """Ends every session of these accounts; returns how many there were."""
+    result = await conn.execute(
+        "DELETE FROM sessions WHERE account_id = ANY($1::bigint[])", account_ids
+    )
+    return int(result.split()[-1])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextvars
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from twofactor_service.caller import Caller
@@ -30,6 +31,11 @@ current_target: contextvars.ContextVar[str] = contextvars.ContextVar("current_ta
 step_up_proven: contextvars.ContextVar[bool] = contextvars.ContextVar(
     "step_up_proven", default=False
 )
+# For a method whose targets are named in its payload: checks the call's step-up proof for one
+# protected target (set by the pipeline; see Caller.prove_step_up).
+payload_step_up: contextvars.ContextVar[Callable[[str], Awaitable[None]] | None] = (
+    contextvars.ContextVar("payload_step_up", default=None)
+)
 
 
 def actor() -> Actor:
@@ -49,4 +55,5 @@ def caller() -> Caller:
         operation=info.operation,
         request_id=info.request_id,
         peer=info.peer,
+        prove_step_up=payload_step_up.get(),
     )

@@ -10,6 +10,8 @@ from twofactor.v1 import twofactor_service_pb2 as pb
 
 from twofactor_service.code_checks import PendingKeyView
 from twofactor_service.errors import InvalidArgument
+from twofactor_service.key_files import KeyFileFormat
+from twofactor_service.key_import import PlannedKey
 from twofactor_service.rules import AccountKind, TwoFactorState
 from twofactor_service.sign_in import OpenedSession, SignInResult
 from twofactor_service.store.accounts import AccountRecord
@@ -123,4 +125,29 @@ def audit_event(row: AuditRow) -> pb.AuditEvent:
         reason=row.reason,
         request_id=row.request_id,
         peer=row.peer,
+    )
+
+
+_IMPORT_FORMATS = {
+    enums_pb2.IMPORT_FORMAT_OTPAUTH: KeyFileFormat.OTPAUTH,
+    enums_pb2.IMPORT_FORMAT_PSKC: KeyFileFormat.PSKC,
+}
+
+
+def import_format(value: int) -> KeyFileFormat | None:
+    for number, file_format in _IMPORT_FORMATS.items():
+        if number == value:
+            return file_format
+    return None
+
+
+def imported_secret(entry: PlannedKey) -> pb.ImportedSecret:
+    return pb.ImportedSecret(
+        location=entry.location,
+        username=entry.username,
+        algorithm=entry.parameters.algorithm,
+        digits=entry.parameters.digits,
+        period_seconds=entry.parameters.period_seconds,
+        replaces_existing_key=entry.replaces_existing_key,
+        protected=entry.protected,
     )

@@ -46,6 +46,7 @@ from twofactor_service.transport.call_context import (
     caller,
     current_actor,
     current_target,
+    payload_step_up,
     step_up_proven,
 )
 from twofactor_service.transport.client_certificates import mapped_account
@@ -192,6 +193,8 @@ def error_status(error: errors.TwoFactorError) -> status_pb2.Status:
     info = error_details_pb2.ErrorInfo(reason=error.reason, domain=ERROR_DOMAIN)
     if isinstance(error, errors.InvalidArgument):
         info.metadata["field"] = error.field
+    if error.location:
+        info.metadata["location"] = error.location
     status.details.add().Pack(info)
     if error.retry_after_seconds is not None:
         retry = error_details_pb2.RetryInfo(
@@ -255,6 +258,7 @@ class Errors:
         call_info.set(info)
         current_actor.set(None)
         current_target.set("")
+        payload_step_up.set(None)
         if isinstance(request, _Malformed):
             raise errors.MalformedRequest(request.message_type)
 
@@ -338,9 +342,14 @@ class Authentication:
                 "sign in first and send the session token as 'authorization: Bearer <token>'"
             )
 
-    def forget_changed(self) -> None:
-        """After a call that may have changed an account (its target, or the caller)."""
-        self.identities.drop_named(current_target.get())
+    def forget_changed(self, policy: rules.MethodPolicy) -> None:
+        """After a call that may have changed an account (its target, or the caller). A call
+        whose targets were named in its payload (an import: rare, and of many accounts) drops
+        every cached caller."""
+        if policy.protects_targets_in_payload:
+            self.identities.clear()
+        else:
+            self.identities.drop_named(current_target.get())
 
     async def _session_actor(self, header: str) -> rules.Actor:
         scheme, _, token = header.partition(" ")
@@ -444,6 +453,21 @@ async def step_up(
     step_up_proven.set(proven)
 
 
+def defer_step_up(runtime: Runtime, metadata: Metadata) -> None:
+    """Step 5 for a method whose targets are named in its payload: the operation reads the
+    payload, then checks the call's proof for a protected target it found (one proof per call),
+    before it changes anything."""
+    password = _metadata(metadata, "x-step-up-password")
+    code = _metadata(metadata, "x-step-up-code")
+
+    async def prove(target: str) -> None:
+        # A refusal is then audited against the protected account that needed the proof.
+        current_target.set(target)
+        await verify_step_up(runtime, caller(), target, password=password, code=code)
+
+    payload_step_up.set(prove)
+
+
 # --- The steps composed, once per method.
 
 
@@ -479,7 +503,9 @@ class Pipeline:
         runtime = self.runtime
         errors_step = Errors(runtime, method, policy)
         authentication = self.authentication
-        changes_accounts = policy.protects_target or policy.acts_on_caller
+        changes_accounts = (
+            policy.protects_target or policy.acts_on_caller or policy.protects_targets_in_payload
+        )
 
         async def admit(request: Message, context: Context, metadata: Metadata) -> None:
             """Steps 3 to 5, before the method runs."""
@@ -487,6 +513,8 @@ class Pipeline:
             authorize(request, policy)
             if policy.protects_target:
                 await step_up(runtime, request, metadata, policy)
+            elif policy.protects_targets_in_payload:
+                defer_step_up(runtime, metadata)
 
         deserializer = _lenient(handler.request_deserializer, policy.request_type)
         if handler.unary_unary is not None:
@@ -503,7 +531,7 @@ class Pipeline:
                         return await inner_unary(request, context)
                     finally:
                         if changes_accounts:
-                            authentication.forget_changed()
+                            authentication.forget_changed(policy)
                 except BaseException as exc:  # noqa: BLE001 - refuse() raises a cancellation
                     failure = exc
                     await errors_step.refuse(context, exc)

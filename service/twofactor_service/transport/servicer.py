@@ -15,11 +15,13 @@ from twofactor.v1 import twofactor_service_pb2_grpc as pb_grpc
 from twofactor_service import (
     administration,
     audit_log,
+    key_import,
     recovery_codes,
     secret_keys,
     sign_in,
     verification,
 )
+from twofactor_service.key_files import PskcKeys
 from twofactor_service.runtime import Runtime
 from twofactor_service.store.audit import AuditFilter
 from twofactor_service.transport import messages, metrics
@@ -304,3 +306,28 @@ class TwoFactorServicer(pb_grpc.TwoFactorServiceServicer):
             grant=False,
         )
         return pb.RevokeRightResponse(status=messages.account_status(record))
+
+    # --- Import (O12)
+
+    async def ImportSecrets(
+        self, request: pb.ImportSecretsRequest, context: Context
+    ) -> pb.ImportSecretsResponse:
+        report = await key_import.import_secrets(
+            self.runtime,
+            caller(),
+            key_import.ImportRequest(
+                file_format=messages.import_format(request.format),
+                content=request.content,
+                validate_only=request.validate_only,
+                replace_existing_keys=request.replace_existing_keys,
+                pskc=PskcKeys(
+                    pre_shared_key=request.pre_shared_key,
+                    passphrase=request.passphrase,
+                    key_accounts=dict(request.key_accounts),
+                ),
+            ),
+        )
+        return pb.ImportSecretsResponse(
+            secrets=[messages.imported_secret(entry) for entry in report.keys],
+            validate_only=report.validate_only,
+        )

@@ -165,3 +165,35 @@ AUDIT_OUTCOME_SUCCESS: AuditOutcome.ValueType  # 1
 AUDIT_OUTCOME_FAILURE: AuditOutcome.ValueType  # 2
 """The operation was refused or failed; `reason` says why."""
 Global___AuditOutcome: _TypeAlias = AuditOutcome  # noqa: Y015
+
+class _ImportFormat:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ImportFormatEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ImportFormat.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    IMPORT_FORMAT_UNSPECIFIED: _ImportFormat.ValueType  # 0
+    """Not set: refused (the server does not guess a format)."""
+    IMPORT_FORMAT_OTPAUTH: _ImportFormat.ValueType  # 1
+    """`otpauth://totp/...` URIs (Key Uri Format), UTF-8, one per line; empty
+    lines and lines starting with `#` are skipped.
+    """
+    IMPORT_FORMAT_PSKC: _ImportFormat.ValueType  # 2
+    """A PSKC (RFC 6030) key container, plain or encrypted with a pre-shared
+    key (§6.1) or a PBKDF2 passphrase (§6.2).
+    """
+
+class ImportFormat(_ImportFormat, metaclass=_ImportFormatEnumTypeWrapper):
+    """The format of a file of secret keys given to ImportSecrets."""
+
+IMPORT_FORMAT_UNSPECIFIED: ImportFormat.ValueType  # 0
+"""Not set: refused (the server does not guess a format)."""
+IMPORT_FORMAT_OTPAUTH: ImportFormat.ValueType  # 1
+"""`otpauth://totp/...` URIs (Key Uri Format), UTF-8, one per line; empty
+lines and lines starting with `#` are skipped.
+"""
+IMPORT_FORMAT_PSKC: ImportFormat.ValueType  # 2
+"""A PSKC (RFC 6030) key container, plain or encrypted with a pre-shared
+key (§6.1) or a PBKDF2 passphrase (§6.2).
+"""
+Global___ImportFormat: _TypeAlias = ImportFormat  # noqa: Y015

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import descriptor_pb2 as google_dot_protobuf_dot_descriptor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1atwofactor/v1/options.proto\x12\x0ctwofactor.v1\x1a google/protobuf/descriptor.proto\"4\n\x05Right\x12\x17\n\x0f\x66unctional_area\x18\x01 \x01(\t\x12\x12\n\npermission\x18\x02 \x01(\t\"\xab\x01\n\x0c\x41\x63\x63\x65ssPolicy\x12\x17\n\x0f\x61llow_anonymous\x18\x01 \x01(\x08\x12+\n\x0erequired_right\x18\x02 \x01(\x0b\x32\x13.twofactor.v1.Right\x12\x1a\n\x12require_two_factor\x18\x03 \x01(\x08\x12 \n\x18\x61llow_self_without_right\x18\x04 \x01(\x08\x12\x17\n\x0fprotects_target\x18\x05 \x01(\x08:S\n\raccess_policy\x12\x1e.google.protobuf.MethodOptions\x18\xb9\x8e\x03 \x01(\x0b\x32\x1a.twofactor.v1.AccessPolicy:7\n\x0etarget_account\x12\x1d.google.protobuf.FieldOptions\x18\xba\x8e\x03 \x01(\x08\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1atwofactor/v1/options.proto\x12\x0ctwofactor.v1\x1a google/protobuf/descriptor.proto\"4\n\x05Right\x12\x17\n\x0f\x66unctional_area\x18\x01 \x01(\t\x12\x12\n\npermission\x18\x02 \x01(\t\"\xd0\x01\n\x0c\x41\x63\x63\x65ssPolicy\x12\x17\n\x0f\x61llow_anonymous\x18\x01 \x01(\x08\x12+\n\x0erequired_right\x18\x02 \x01(\x0b\x32\x13.twofactor.v1.Right\x12\x1a\n\x12require_two_factor\x18\x03 \x01(\x08\x12 \n\x18\x61llow_self_without_right\x18\x04 \x01(\x08\x12\x17\n\x0fprotects_target\x18\x05 \x01(\x08\x12#\n\x1bprotects_targets_in_payload\x18\x06 \x01(\x08:S\n\raccess_policy\x12\x1e.google.protobuf.MethodOptions\x18\xb9\x8e\x03 \x01(\x0b\x32\x1a.twofactor.v1.AccessPolicy:7\n\x0etarget_account\x12\x1d.google.protobuf.FieldOptions\x18\xba\x8e\x03 \x01(\x08\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,5 +35,5 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RIGHT']._serialized_start=78
   _globals['_RIGHT']._serialized_end=130
   _globals['_ACCESSPOLICY']._serialized_start=133
-  _globals['_ACCESSPOLICY']._serialized_end=304
+  _globals['_ACCESSPOLICY']._serialized_end=341
 # @@protoc_insertion_point(module_scope)

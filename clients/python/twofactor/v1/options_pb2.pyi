@@ -61,6 +61,7 @@ class AccessPolicy(_message.Message):
     REQUIRE_TWO_FACTOR_FIELD_NUMBER: _builtins.int
     ALLOW_SELF_WITHOUT_RIGHT_FIELD_NUMBER: _builtins.int
     PROTECTS_TARGET_FIELD_NUMBER: _builtins.int
+    PROTECTS_TARGETS_IN_PAYLOAD_FIELD_NUMBER: _builtins.int
     allow_anonymous: _builtins.bool
     """The RPC can be called without a session token (sign-in, enrollment)."""
     require_two_factor: _builtins.bool
@@ -74,6 +75,13 @@ class AccessPolicy(_message.Message):
     `target_account`, or the actor itself when there is none): when that
     account is protected, the call needs step-up proof.
     """
+    protects_targets_in_payload: _builtins.bool
+    """The RPC changes accounts that its request names only inside a payload
+    the server must parse first (an import file): when any of them is
+    protected, the call needs step-up proof, one proof for the whole call.
+    The server checks it once it has read the payload, before it changes
+    anything, and again under the accounts' locks.
+    """
     @_builtins.property
     def required_right(self) -> Global___Right:
         """The right the actor must hold; unset means any signed-in account."""
@@ -86,10 +94,11 @@ class AccessPolicy(_message.Message):
         require_two_factor: _builtins.bool = ...,
         allow_self_without_right: _builtins.bool = ...,
         protects_target: _builtins.bool = ...,
+        protects_targets_in_payload: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["required_right", b"required_right"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allow_anonymous", b"allow_anonymous", "allow_self_without_right", b"allow_self_without_right", "protects_target", b"protects_target", "require_two_factor", b"require_two_factor", "required_right", b"required_right"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allow_anonymous", b"allow_anonymous", "allow_self_without_right", b"allow_self_without_right", "protects_target", b"protects_target", "protects_targets_in_payload", b"protects_targets_in_payload", "require_two_factor", b"require_two_factor", "required_right", b"required_right"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1695,3 +1695,165 @@ class RevokeRightResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RevokeRightResponse: _TypeAlias = RevokeRightResponse  # noqa: Y015
+
+@_typing.final
+class ImportSecretsRequest(_message.Message):
+    """Request of ImportSecrets."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class KeyAccountsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    FORMAT_FIELD_NUMBER: _builtins.int
+    CONTENT_FIELD_NUMBER: _builtins.int
+    VALIDATE_ONLY_FIELD_NUMBER: _builtins.int
+    REPLACE_EXISTING_KEYS_FIELD_NUMBER: _builtins.int
+    PRE_SHARED_KEY_FIELD_NUMBER: _builtins.int
+    PASSPHRASE_FIELD_NUMBER: _builtins.int
+    KEY_ACCOUNTS_FIELD_NUMBER: _builtins.int
+    format: _enums_pb2.ImportFormat.ValueType
+    """The file's format; required."""
+    content: _builtins.bytes
+    """The file: otpauth:// URIs (UTF-8, one per line) or a PSKC document. At
+    most 4 MiB and 1000 keys, and no larger than the server's message size
+    limit (TWOFACTOR_MAX_MESSAGE_BYTES).
+    """
+    validate_only: _builtins.bool
+    """Check everything and report what would happen, changing nothing
+    (AIP-163). Needs no step-up proof; the response says which accounts
+    are protected.
+    """
+    replace_existing_keys: _builtins.bool
+    """Replace the active key of accounts that have one (their sessions and
+    recovery codes end, as with ResetSecret). Without it such an account is
+    refused.
+    """
+    pre_shared_key: _builtins.bytes
+    """PSKC encrypted with a pre-shared key (RFC 6030 §6.1): that key, 16, 24
+    or 32 bytes for AES-128/192/256-CBC.
+    """
+    passphrase: _builtins.str
+    """PSKC encrypted with a key derived from a passphrase (RFC 6030 §6.2,
+    PBKDF2): the passphrase.
+    """
+    @_builtins.property
+    def key_accounts(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """PSKC: the account of a key by its `Key Id` attribute, for files whose
+        keys carry no `UserId` (or a `UserId` that is not the account's name).
+        Takes precedence over `UserId`. Every id must name a key of the file.
+        """
+
+    def __init__(
+        self,
+        *,
+        format: _enums_pb2.ImportFormat.ValueType = ...,
+        content: _builtins.bytes = ...,
+        validate_only: _builtins.bool = ...,
+        replace_existing_keys: _builtins.bool = ...,
+        pre_shared_key: _builtins.bytes = ...,
+        passphrase: _builtins.str = ...,
+        key_accounts: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "format", b"format", "key_accounts", b"key_accounts", "passphrase", b"passphrase", "pre_shared_key", b"pre_shared_key", "replace_existing_keys", b"replace_existing_keys", "validate_only", b"validate_only"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ImportSecretsRequest: _TypeAlias = ImportSecretsRequest  # noqa: Y015
+
+@_typing.final
+class ImportedSecret(_message.Message):
+    """One key of an import, as the file declared it. Never holds the secret."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LOCATION_FIELD_NUMBER: _builtins.int
+    USERNAME_FIELD_NUMBER: _builtins.int
+    ALGORITHM_FIELD_NUMBER: _builtins.int
+    DIGITS_FIELD_NUMBER: _builtins.int
+    PERIOD_SECONDS_FIELD_NUMBER: _builtins.int
+    REPLACES_EXISTING_KEY_FIELD_NUMBER: _builtins.int
+    PROTECTED_FIELD_NUMBER: _builtins.int
+    location: _builtins.str
+    """Where the key is in the file: `line 3`, or `KeyPackage 2 (Key Id
+    "12345678")`.
+    """
+    username: _builtins.str
+    """The account that gets the key."""
+    algorithm: _builtins.str
+    """The HMAC algorithm: "SHA1", "SHA256" or "SHA512"."""
+    digits: _builtins.int
+    """The number of digits of a code."""
+    period_seconds: _builtins.int
+    """The time step of a code, in seconds."""
+    replaces_existing_key: _builtins.bool
+    """The account had an active key, which the import replaces."""
+    protected: _builtins.bool
+    """The account is protected against unauthorized modification: the import
+    needs step-up proof.
+    """
+    def __init__(
+        self,
+        *,
+        location: _builtins.str = ...,
+        username: _builtins.str = ...,
+        algorithm: _builtins.str = ...,
+        digits: _builtins.int = ...,
+        period_seconds: _builtins.int = ...,
+        replaces_existing_key: _builtins.bool = ...,
+        protected: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["algorithm", b"algorithm", "digits", b"digits", "location", b"location", "period_seconds", b"period_seconds", "protected", b"protected", "replaces_existing_key", b"replaces_existing_key", "username", b"username"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ImportedSecret: _TypeAlias = ImportedSecret  # noqa: Y015
+
+@_typing.final
+class ImportSecretsResponse(_message.Message):
+    """Response of ImportSecrets."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SECRETS_FIELD_NUMBER: _builtins.int
+    VALIDATE_ONLY_FIELD_NUMBER: _builtins.int
+    validate_only: _builtins.bool
+    """The request was `validate_only`: nothing was changed."""
+    @_builtins.property
+    def secrets(self) -> _containers.RepeatedCompositeFieldContainer[Global___ImportedSecret]:
+        """The keys of the file, in the file's order."""
+
+    def __init__(
+        self,
+        *,
+        secrets: _abc.Iterable[Global___ImportedSecret] | None = ...,
+        validate_only: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["secrets", b"secrets", "validate_only", b"validate_only"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ImportSecretsResponse: _TypeAlias = ImportSecretsResponse  # noqa: Y015

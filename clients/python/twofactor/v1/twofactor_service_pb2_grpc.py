@@ -188,6 +188,11 @@ class TwoFactorServiceStub:
                 request_serializer=twofactor_dot_v1_dot_twofactor__service__pb2.RevokeRightRequest.SerializeToString,
                 response_deserializer=twofactor_dot_v1_dot_twofactor__service__pb2.RevokeRightResponse.FromString,
                 _registered_method=True)
+        self.ImportSecrets = channel.unary_unary(
+                '/twofactor.v1.TwoFactorService/ImportSecrets',
+                request_serializer=twofactor_dot_v1_dot_twofactor__service__pb2.ImportSecretsRequest.SerializeToString,
+                response_deserializer=twofactor_dot_v1_dot_twofactor__service__pb2.ImportSecretsResponse.FromString,
+                _registered_method=True)
 
 
 class TwoFactorServiceServicer:
@@ -439,6 +444,25 @@ class TwoFactorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ImportSecrets(self, request, context):
+        """Gives existing accounts secret keys they already hold (O12): the keys
+        of another system's otpauth:// URIs, or of a token vendor's PSKC
+        (RFC 6030) seed file, with the algorithm, digits and period each key
+        declares. A parameter the service does not support is refused, never
+        changed. The file is applied atomically: every key, or (on any error)
+        none. Errors name the line or the element (ErrorInfo metadata
+        `location`). Each account must exist, must not be excluded and must not
+        be the caller's own; one that has an active key is refused unless
+        `replace_existing_keys` is set. An imported key is active at once: the
+        account leaves the allowlist (ENROLLED), its pending key, sessions and
+        recovery codes end, and one audit event per account records the import
+        (never the secret). Needs the right of ResetSecret, and step-up proof when any
+        account in the file is protected (the proof is per call).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TwoFactorServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -576,6 +600,11 @@ def add_TwoFactorServiceServicer_to_server(servicer, server):
                     servicer.RevokeRight,
                     request_deserializer=twofactor_dot_v1_dot_twofactor__service__pb2.RevokeRightRequest.FromString,
                     response_serializer=twofactor_dot_v1_dot_twofactor__service__pb2.RevokeRightResponse.SerializeToString,
+            ),
+            'ImportSecrets': grpc.unary_unary_rpc_method_handler(
+                    servicer.ImportSecrets,
+                    request_deserializer=twofactor_dot_v1_dot_twofactor__service__pb2.ImportSecretsRequest.FromString,
+                    response_serializer=twofactor_dot_v1_dot_twofactor__service__pb2.ImportSecretsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1326,6 +1355,33 @@ class TwoFactorService:
             '/twofactor.v1.TwoFactorService/RevokeRight',
             twofactor_dot_v1_dot_twofactor__service__pb2.RevokeRightRequest.SerializeToString,
             twofactor_dot_v1_dot_twofactor__service__pb2.RevokeRightResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ImportSecrets(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/twofactor.v1.TwoFactorService/ImportSecrets',
+            twofactor_dot_v1_dot_twofactor__service__pb2.ImportSecretsRequest.SerializeToString,
+            twofactor_dot_v1_dot_twofactor__service__pb2.ImportSecretsResponse.FromString,
             options,
             channel_credentials,
             insecure,

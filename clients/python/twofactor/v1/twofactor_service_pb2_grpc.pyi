@@ -162,6 +162,21 @@ class TwoFactorServiceStub:
     """Grants a right to an account."""
     RevokeRight: _grpc.UnaryUnaryMultiCallable[_twofactor_service_pb2.RevokeRightRequest, _twofactor_service_pb2.RevokeRightResponse]
     """Revokes a right from an account."""
+    ImportSecrets: _grpc.UnaryUnaryMultiCallable[_twofactor_service_pb2.ImportSecretsRequest, _twofactor_service_pb2.ImportSecretsResponse]
+    """Gives existing accounts secret keys they already hold (O12): the keys
+    of another system's otpauth:// URIs, or of a token vendor's PSKC
+    (RFC 6030) seed file, with the algorithm, digits and period each key
+    declares. A parameter the service does not support is refused, never
+    changed. The file is applied atomically: every key, or (on any error)
+    none. Errors name the line or the element (ErrorInfo metadata
+    `location`). Each account must exist, must not be excluded and must not
+    be the caller's own; one that has an active key is refused unless
+    `replace_existing_keys` is set. An imported key is active at once: the
+    account leaves the allowlist (ENROLLED), its pending key, sessions and
+    recovery codes end, and one audit event per account records the import
+    (never the secret). Needs the right of ResetSecret, and step-up proof when any
+    account in the file is protected (the proof is per call).
+    """
 
 @_typing.type_check_only
 class TwoFactorServiceAsyncStub(TwoFactorServiceStub):
@@ -297,6 +312,21 @@ class TwoFactorServiceAsyncStub(TwoFactorServiceStub):
     """Grants a right to an account."""
     RevokeRight: _aio.UnaryUnaryMultiCallable[_twofactor_service_pb2.RevokeRightRequest, _twofactor_service_pb2.RevokeRightResponse]  # type: ignore[assignment]
     """Revokes a right from an account."""
+    ImportSecrets: _aio.UnaryUnaryMultiCallable[_twofactor_service_pb2.ImportSecretsRequest, _twofactor_service_pb2.ImportSecretsResponse]  # type: ignore[assignment]
+    """Gives existing accounts secret keys they already hold (O12): the keys
+    of another system's otpauth:// URIs, or of a token vendor's PSKC
+    (RFC 6030) seed file, with the algorithm, digits and period each key
+    declares. A parameter the service does not support is refused, never
+    changed. The file is applied atomically: every key, or (on any error)
+    none. Errors name the line or the element (ErrorInfo metadata
+    `location`). Each account must exist, must not be excluded and must not
+    be the caller's own; one that has an active key is refused unless
+    `replace_existing_keys` is set. An imported key is active at once: the
+    account leaves the allowlist (ENROLLED), its pending key, sessions and
+    recovery codes end, and one audit event per account records the import
+    (never the secret). Needs the right of ResetSecret, and step-up proof when any
+    account in the file is protected (the proof is per call).
+    """
 
 class TwoFactorServiceServicer(metaclass=_abc_1.ABCMeta):
     """TwoFactorService owns the TOTP (RFC 6238) secret keys of user accounts and
@@ -591,5 +621,26 @@ class TwoFactorServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_twofactor_service_pb2.RevokeRightResponse, _abc.Awaitable[_twofactor_service_pb2.RevokeRightResponse]]:
         """Revokes a right from an account."""
+
+    @_abc_1.abstractmethod
+    def ImportSecrets(
+        self,
+        request: _twofactor_service_pb2.ImportSecretsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_twofactor_service_pb2.ImportSecretsResponse, _abc.Awaitable[_twofactor_service_pb2.ImportSecretsResponse]]:
+        """Gives existing accounts secret keys they already hold (O12): the keys
+        of another system's otpauth:// URIs, or of a token vendor's PSKC
+        (RFC 6030) seed file, with the algorithm, digits and period each key
+        declares. A parameter the service does not support is refused, never
+        changed. The file is applied atomically: every key, or (on any error)
+        none. Errors name the line or the element (ErrorInfo metadata
+        `location`). Each account must exist, must not be excluded and must not
+        be the caller's own; one that has an active key is refused unless
+        `replace_existing_keys` is set. An imported key is active at once: the
+        account leaves the allowlist (ENROLLED), its pending key, sessions and
+        recovery codes end, and one audit event per account records the import
+        (never the secret). Needs the right of ResetSecret, and step-up proof when any
+        account in the file is protected (the proof is per call).
+        """
 
 def add_TwoFactorServiceServicer_to_server(servicer: TwoFactorServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
