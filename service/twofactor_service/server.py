@@ -21,7 +21,7 @@ from twofactor.v1 import twofactor_service_pb2_grpc as pb_grpc
 
 from twofactor_service.audit_chain import seal_periodically
 from twofactor_service.config import Config, ConfigError
-from twofactor_service.console.site import ConsoleEndpoint, start_console
+from twofactor_service.console.supervisor import ConsoleEndpoint, start_console
 from twofactor_service.encryption import KeyRing
 from twofactor_service.housekeeping import keep_house
 from twofactor_service.listen import AddressUnavailable, ensure_can_listen
@@ -86,7 +86,7 @@ class RunningServer:
     housekeeper: asyncio.Task[None] | None = field(default=None)
     # Hears which callers changed, for the identity cache (transport/identities.py).
     identity_listener: asyncio.Task[None] | None = field(default=None)
-    # The web console, when TWOFACTOR_CONSOLE_ADDRESS is set (the default).
+    # The web console's own process, when TWOFACTOR_CONSOLE_ADDRESS is set (the default).
     console: ConsoleEndpoint | None = field(default=None)
 
     async def stop(self, grace: float | None = 5.0) -> None:
