@@ -177,11 +177,13 @@ async def start_server(
     )
     if socket_dir is not None:
         server.add_insecure_port(f"unix:{socket_dir / 'grpc.sock'}")
-    await server.start()
     console: ConsoleEndpoint | None = None
     try:
+        # The console's process first: health says SERVING as soon as the server starts, and
+        # the console should be listening by then (its channel connects on its first call).
         if socket_dir is not None:
             console = await start_console(config, socket_dir)
+        await server.start()
         address = config.metrics_address
         endpoint = serve_metrics(address, pool) if address else None
     except BaseException:
