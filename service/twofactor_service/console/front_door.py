@@ -191,6 +191,11 @@ def identity_only(refusals: RefusalLog) -> Any:
             # Refused before a byte of the body is read: nothing is inflated, ever.
             refusals.refused("compressed request body", request.remote, 415)
             return Refusal(415, "compressed request bodies are not accepted; send them as is")
+        coding = request.headers.get(hdrs.TRANSFER_ENCODING)
+        if coding is not None and coding.strip().lower() != "chunked":
+            # A compressed transfer coding ("gzip, chunked"): RFC 9112 §6.1 says 501.
+            refusals.refused("compressed request body", request.remote, 501)
+            return Refusal(501, "transfer codings other than chunked are not accepted")
         return await handler(request)
 
     return _identity_only
@@ -229,11 +234,17 @@ class FrontDoor(RequestHandler):
         if manager is not None and len(manager.connections) >= self.limits.max_connections:
             # Turned away: connection_lost has nothing to undo.
             self._manager = None
+            # Nothing it sends is parsed.
+            self._force_close = True
             peer = transport.get_extra_info("peername")
             self.refusals.refused("too many connections", peer, 503)
             assert isinstance(transport, asyncio.WriteTransport)
             transport.write(_BUSY)
-            transport.close()
+            # Closed only after a moment: closing with its request unread would reset the
+            # connection, and the client might lose the answer.
+            if transport.can_write_eof():
+                transport.write_eof()
+            self._loop.call_later(LINGER_SECONDS, transport.close)
             return
         super().connection_made(transport)
 
