@@ -291,7 +291,7 @@ def test_a_malformed_host_name_is_a_configuration_error(value: str) -> None:
         ("TWOFACTOR_CONSOLE_BODY_TIMEOUT_SECONDS", "soon"),
         ("TWOFACTOR_CONSOLE_IDLE_TIMEOUT_SECONDS", "-1"),
         ("TWOFACTOR_CONSOLE_MAX_CONNECTIONS", "0"),
-        ("TWOFACTOR_CONSOLE_NICE", "20"),
+        ("TWOFACTOR_CONSOLE_CPU_CLASS", "realtime"),
     ],
 )
 def test_a_malformed_limit_is_a_configuration_error(variable: str, value: str) -> None:

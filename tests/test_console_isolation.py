@@ -33,17 +33,19 @@ from twofactor_service.rules import AccountKind
 from twofactor_service.store import accounts
 from twofactor_service.store.database import Connection
 
-PROBES = 40  # per block
-BLOCKS = 4  # attacked and quiet blocks, alternating
+PROBES = 25  # per block
+BLOCKS = 8  # attacked and quiet blocks, alternating
 # Short limits, so that every kind of attack is answered within a block.
 LIMITS = {
-    "TWOFACTOR_CONSOLE_HEADER_TIMEOUT_SECONDS": "2",
-    "TWOFACTOR_CONSOLE_BODY_TIMEOUT_SECONDS": "2",
-    "TWOFACTOR_CONSOLE_IDLE_TIMEOUT_SECONDS": "2",
+    "TWOFACTOR_CONSOLE_HEADER_TIMEOUT_SECONDS": "1",
+    "TWOFACTOR_CONSOLE_BODY_TIMEOUT_SECONDS": "1",
+    "TWOFACTOR_CONSOLE_IDLE_TIMEOUT_SECONDS": "1",
 }
-# What the server and its console process may grow by, together, from after the first attacked
-# block to after the last.
-MEMORY_GROWTH_BYTES = 32 << 20
+# The server's and its console's memory, together: what it may grow by under attack (argon2
+# holds 64 MiB per password check for a moment, two at a time on two cores), and what it may
+# keep once the attack is over.
+PEAK_GROWTH_BYTES = 384 << 20
+REST_GROWTH_BYTES = 32 << 20
 
 
 def console_processes(serve: psutil.Process) -> list[psutil.Process]:
@@ -114,6 +116,11 @@ async def test_an_attacked_console_leaves_verify_code_health_and_memory_alone(
     await wait_until(health_known, within=10, what="the first health status")
 
     serve = psutil.Process(served.process.pid)
+
+    def resident() -> int:
+        """The server's and its console's resident memory, together."""
+        return sum(p.memory_info().rss for p in (serve, *console_processes(serve)))
+
     console_address = served.console_url.removeprefix("http://").rstrip("/")
     # The attacker in the lowest CPU class (SCHED_IDLE): it stands for clients on other
     # machines, whose CPU is not the server's (here all share two cores).
@@ -136,20 +143,16 @@ async def test_an_attacked_console_leaves_verify_code_health_and_memory_alone(
 
     quiet: list[float] = []
     attacked: list[float] = []
-    memory: list[int] = []
+    peak = at_rest = resident()
     try:
         await said(b"attacking\n")
         for _ in range(BLOCKS):
-            attacked += [await probe() for _ in range(PROBES)]
+            for _ in range(PROBES):
+                attacked.append(await probe())
+                peak = max(peak, resident())
             attacker.send_signal(signal.SIGUSR1)
             await said(b"paused\n")
-            # Measured at rest, the least seen in the block: a password check still in flight
-            # holds argon2's 64 MiB for a moment.
-            at_rest = []
-            for _ in range(PROBES):
-                quiet.append(await probe())
-                at_rest.append(sum(p.memory_info().rss for p in (serve, *console_processes(serve))))
-            memory.append(min(at_rest))
+            quiet += [await probe() for _ in range(PROBES)]
             attacker.send_signal(signal.SIGUSR2)
             await said(b"attacking\n")
     finally:
@@ -158,6 +161,14 @@ async def test_an_attacked_console_leaves_verify_code_health_and_memory_alone(
         watch.cancel()
         follower.cancel()
     answers = json.loads(report)
+    print(
+        "FIGURES",
+        statistics.median(quiet),
+        statistics.median(attacked),
+        at_rest >> 20,
+        peak >> 20,
+        answers,
+    )
 
     # The attack was one: each kind was answered by the front door as it should be.
     assert answers["bomb"].get("415", 0) > 0, answers
@@ -168,12 +179,18 @@ async def test_an_attacked_console_leaves_verify_code_health_and_memory_alone(
     # Health never left SERVING.
     assert set(statuses) == {health_pb2.HealthCheckResponse.SERVING}, statuses
     quiet_median, attacked_median = statistics.median(quiet), statistics.median(attacked)
-    print("FIGURES", quiet_median, attacked_median, [m >> 20 for m in memory], answers)
     assert attacked_median <= 2 * quiet_median, (
         f"quiet median {quiet_median * 1000:.1f} ms",
         f"attacked median {attacked_median * 1000:.1f} ms",
     )
-    assert memory[-1] - memory[0] <= MEMORY_GROWTH_BYTES, [m >> 20 for m in memory]
+    # Memory stayed bounded under attack (what a password check holds for a moment aside; a
+    # single inflated bomb would be 1 GiB), and is back where it was once the attack ends.
+    assert peak - at_rest <= PEAK_GROWTH_BYTES, (at_rest >> 20, peak >> 20)
+
+    async def back_at_rest() -> bool:
+        return resident() - at_rest <= REST_GROWTH_BYTES
+
+    await wait_until(back_at_rest, within=30, what=f"memory back near {at_rest >> 20} MiB")
     # And the console took it without dying.
     assert len(console_processes(serve)) == 1
 
@@ -198,9 +215,10 @@ async def test_a_console_process_that_dies_is_started_again_on_the_same_port(
 
     await wait_until(another_one_serves, within=30, what="a new console process listening")
     assert served.process.poll() is None
-    # It runs below the gRPC server's CPU priority.
+    # It runs below the gRPC server's CPU priority: in SCHED_IDLE.
     [again] = console_processes(serve)
-    assert again.nice() > serve.nice()
+    assert os.sched_getscheduler(again.pid) == os.SCHED_IDLE
+    assert os.sched_getscheduler(serve.pid) == os.SCHED_OTHER
 
 
 def _host_port(url: str) -> tuple[str, int]:

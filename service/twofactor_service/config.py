@@ -66,8 +66,9 @@ class ConsoleLimits:
     # Host names (or IP literals) the console answers to; empty: the bound address and the
     # loopback names (console/front_door.py, allowed_hosts).
     hosts: tuple[str, ...] = ()
-    # Added to the console process's nice value: under CPU pressure the gRPC server wins.
-    nice: int = 10
+    # The console process's CPU class: "idle" (SCHED_IDLE: it runs only on CPU time no other
+    # task wants) or "batch" (SCHED_BATCH at nice 10). Either way the gRPC server wins.
+    cpu_class: str = "idle"
 
 
 @dataclass(frozen=True)
@@ -187,6 +188,13 @@ def _console_hosts(raw: str | None) -> tuple[str, ...]:
     return tuple(hosts)
 
 
+def _console_cpu_class(env: Mapping[str, str]) -> str:
+    raw = env.get(PREFIX + "CONSOLE_CPU_CLASS", "idle").strip().lower() or "idle"
+    if raw not in ("idle", "batch"):
+        raise ConfigError(f"{PREFIX}CONSOLE_CPU_CLASS must be idle or batch, got {raw!r}")
+    return raw
+
+
 def load_config(env: Mapping[str, str] | None = None) -> Config:
     """Builds the configuration from the environment; raises ConfigError naming the variable."""
     env = os.environ if env is None else env
@@ -255,7 +263,7 @@ def load_config(env: Mapping[str, str] | None = None) -> Config:
             idle_timeout_seconds=_int(env, "CONSOLE_IDLE_TIMEOUT_SECONDS", 30, 1, 3600),
             max_connections=_int(env, "CONSOLE_MAX_CONNECTIONS", 100, 1, 10_000),
             hosts=_console_hosts(env.get(PREFIX + "CONSOLE_HOSTS")),
-            nice=_int(env, "CONSOLE_NICE", 10, 0, 19),
+            cpu_class=_console_cpu_class(env),
         ),
         log_level=log_level,
         tls=tls,

@@ -7,8 +7,8 @@ parsing, TLS, static files, reading bodies, and a crash. The process:
 - reads its settings as one JSON line on stdin (the forwarded-peer key among them: stdin, not
   the command line, which any local user can read in /proc), and nothing of the service's
   configuration beyond them: no database URL, no encryption keys;
-- lowers its own CPU priority (nice, and SCHED_BATCH), so that under CPU pressure the gRPC
-  server's event loop, VerifyCode's path, wins;
+- lowers its own CPU priority (SCHED_IDLE by default, lower_priority), so that under CPU
+  pressure the gRPC server's event loop, VerifyCode's path, wins;
 - says "ready <port>" on stdout once it listens (or "failed <message>" and exits 2);
 - ends with its parent: stdin reaching EOF means the parent is gone (however it died), and
   PR_SET_PDEATHSIG asks the kernel for a SIGTERM then as well;
@@ -66,14 +66,22 @@ class ConsoleSettings:
         return cls(limits=ConsoleLimits(**limits), **fields)
 
 
-def lower_priority(nice: int) -> None:
-    """Below the gRPC server: `nice` steps nicer (a weight about 1.25**nice smaller under CFS),
-    and SCHED_BATCH, which tells the scheduler that this process never needs to preempt a
-    running task on waking. Both are allowed without privileges, and only ever lower it."""
-    if nice:
-        os.nice(nice)
-    with contextlib.suppress(AttributeError, OSError):
+def lower_priority(cpu_class: str) -> None:
+    """Below the gRPC server. "idle": SCHED_IDLE, the class of the argon2 threads
+    (passwords.py): the console runs only on CPU time no ordinary task wants, and a task that
+    wakes takes the CPU from it at once, so its parsing never delays a VerifyCode. "batch":
+    SCHED_BATCH at nice 10 (about a tenth of an ordinary task's share, never preempting one on
+    waking), for a host whose CPU is never idle, where SCHED_IDLE would starve the console.
+    Both are allowed without privileges; where SCHED_IDLE is not available, nice 19."""
+    try:
+        if cpu_class == "idle":
+            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+            return
+        os.nice(10)
         os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
+    except (AttributeError, OSError):
+        with contextlib.suppress(OSError):
+            os.setpriority(os.PRIO_PROCESS, 0, 19)
 
 
 def die_with_parent(parent_pid: int) -> None:
@@ -137,7 +145,7 @@ def main() -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     settings = ConsoleSettings.from_line(sys.stdin.buffer.readline())
     die_with_parent(settings.parent_pid)
-    lower_priority(settings.limits.nice)
+    lower_priority(settings.limits.cpu_class)
     from twofactor_service import logs
 
     logs.configure(settings.log_level)
