@@ -6,6 +6,9 @@ same load generator, bench/load.py, in separate processes):
   echo       the framework's ceiling: a bare grpc.aio server echoing a VerifyCodeRequest
   verify     VerifyCode on `twofactor serve`, one process
   signin     SignIn (password + code; argon2id makes it slow, by design)
+  verify-hostile  VerifyCode while the web console is attacked (tests/hostile_console.py:
+             compressed bombs, slow bodies, idle connections, garbage, a SignIn flood); its
+             throughput is printed as a ratio to `verify` (issue 16)
   verify-2w  VerifyCode on `twofactor serve --workers 2`
   echo-2w    the echo server, 2 processes (what 2 processes can give at best on this machine)
   soak       (BENCH_SOAK=seconds) a long VerifyCode run, watching the server's memory
@@ -53,7 +56,7 @@ from twofactor_service.store import database  # noqa: E402
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 SIGN_IN_WARMUP_SECONDS = 8.0
-PHASES = ("echo", "verify", "signin", "verify-2w", "echo-2w")
+PHASES = ("echo", "verify", "verify-hostile", "signin", "verify-2w", "echo-2w")
 
 
 def _env(name: str, default: str) -> str:
@@ -281,7 +284,9 @@ def echo_server(data_dir: Path, workers: int) -> Iterator[Server]:
 
 
 @contextlib.contextmanager
-def service(data_dir: Path, workers: int, name: str) -> Iterator[Server]:
+def service(
+    data_dir: Path, workers: int, name: str, console_port: int | None = None
+) -> Iterator[Server]:
     """`twofactor serve` as `make run` starts it, on the bench's data folder."""
     port = free_port()
     metrics_port = free_port()
@@ -293,8 +298,8 @@ def service(data_dir: Path, workers: int, name: str) -> Iterator[Server]:
     env.update(
         TWOFACTOR_DATA_DIR=str(data_dir),
         TWOFACTOR_LISTEN_ADDRESS=f"127.0.0.1:{port}",
-        # The bench measures gRPC; the console stays off (and off 8080).
-        TWOFACTOR_CONSOLE_ADDRESS="",
+        # The bench measures gRPC; the console stays off (and off 8080), but in verify-hostile.
+        TWOFACTOR_CONSOLE_ADDRESS=f"127.0.0.1:{console_port}" if console_port else "",
         TWOFACTOR_WORKERS=str(workers),
         # As deployed: metrics on (worker i serves them on this port + i), and the bench reads
         # the VerifyCode batch sizes there.
@@ -675,6 +680,31 @@ def run_against_target(args: argparse.Namespace, target: Target) -> int:
     return 1 if result.errors else 0
 
 
+def verify_hostile(args: argparse.Namespace) -> Result:
+    """VerifyCode's load while another process attacks the console of the same server. The
+    attacker runs in SCHED_IDLE, as in tests/test_console_isolation.py: it stands for clients on
+    other machines, whose CPU is not the server's."""
+    console_port = free_port()
+    with service(args.data_dir, 1, "verify-hostile", console_port=console_port) as server:
+        command = ["chrt", "--idle", "0", sys.executable, "-m", "tests.hostile_console"]
+        attacker = subprocess.Popen(  # noqa: S603 - the suite's own attacker
+            [*command, f"127.0.0.1:{console_port}"],
+            stdout=subprocess.PIPE,
+            cwd=ROOT,
+        )
+        try:
+            assert attacker.stdout is not None
+            if attacker.stdout.readline() != b"attacking\n":
+                raise SystemExit("the console's attacker did not start")
+            result = run_load(args, server, "verify", Result("verify-hostile", 1))
+        finally:
+            attacker.terminate()
+            report, _ = attacker.communicate(timeout=60)
+    answers = json.loads(report.decode().strip().splitlines()[-1])
+    print(f"   the console's attacker was answered: {answers}", flush=True)
+    return result
+
+
 def main() -> int:
     args = parse_args()
     began = time.monotonic()
@@ -715,6 +745,8 @@ def main() -> int:
             workers = 2 if phase == "echo-2w" else 1
             with echo_server(args.data_dir, workers) as server:
                 result = run_load(args, server, "echo", Result(phase, workers))
+        elif phase == "verify-hostile":
+            result = verify_hostile(args)
         else:
             workers = 2 if phase == "verify-2w" else 1
             kind = "signin" if phase == "signin" else "verify"
@@ -777,6 +809,9 @@ def main() -> int:
     if "echo" in results and "verify" in results and results["echo"].calls_per_second:
         ratio = results["verify"].calls_per_second / results["echo"].calls_per_second
         print(f"ratio: {ratio:.2f}")
+    if "verify" in results and "verify-hostile" in results and results["verify"].calls_per_second:
+        hostile = results["verify-hostile"].calls_per_second / results["verify"].calls_per_second
+        print(f"verify-hostile / verify (VerifyCode, console attacked): {hostile:.2f}")
     if "verify" in results and "verify-2w" in results and results["verify"].calls_per_second:
         scale = results["verify-2w"].calls_per_second / results["verify"].calls_per_second
         print(f"2 workers / 1 worker (VerifyCode): {scale:.2f}x")
