@@ -29,6 +29,7 @@ from twofactor.v1 import twofactor_service_pb2 as pb
 
 from tests.replicas import Replica, start_replica, stop_replica, wait_serving
 from tests.support import VOUCH_RIGHT, Actors, wait_until
+from twofactor_service.console.front_door import RefusalLog
 from twofactor_service.rules import AccountKind
 from twofactor_service.store import accounts
 from twofactor_service.store.database import Connection
@@ -49,11 +50,15 @@ REST_GROWTH_BYTES = 32 << 20
 
 
 def console_processes(serve: psutil.Process) -> list[psutil.Process]:
-    return [
-        child
-        for child in serve.children(recursive=True)
-        if "twofactor_service.console.process" in " ".join(child.cmdline())
-    ]
+    """The console processes among `serve`'s descendants that are alive (not zombies)."""
+    found = []
+    for child in serve.children(recursive=True):
+        try:
+            if "twofactor_service.console.process" in " ".join(child.cmdline()):
+                found.append(child)
+        except psutil.Error:  # gone meanwhile, or a zombie not yet reaped
+            continue
+    return found
 
 
 @pytest.fixture(scope="module")
@@ -260,3 +265,45 @@ async def test_no_console_process_outlives_its_server(
         if replica.process.poll() is None:
             replica.process.kill()
             replica.process.wait()
+
+
+async def test_malformed_requests_log_one_warning_each_without_a_traceback_rate_limited(
+    served: Replica,
+) -> None:
+    """As `twofactor serve` writes them on stderr: a burst of malformed requests gives at most
+    RefusalLog.BURST lines (and one a second after), each a WARNING without a traceback; the
+    lines left out are counted in the next one."""
+    host, port = _host_port(served.console_url)
+    offset = served.log.stat().st_size
+    began = time.monotonic()
+    for _ in range(3 * RefusalLog.BURST):
+        reader, writer = await asyncio.open_connection(host, port)
+        writer.write(b"NOT HTTP AT ALL\r\n\r\n")
+        assert b" 400 " in (await asyncio.wait_for(reader.read(), 10)).split(b"\r\n")[0]
+        writer.close()
+    seconds = time.monotonic() - began
+
+    def refusals() -> list[dict[str, Any]]:
+        with served.log.open("rb") as log:
+            log.seek(offset)
+            lines = log.read().decode("utf-8", "replace").splitlines()
+        records = [json.loads(line) for line in lines if line.startswith("{")]
+        return [r for r in records if r.get("logger") == "twofactor_service.console"]
+
+    async def counted_later() -> bool:
+        # One more after the rate allows it: its line counts the ones left out.
+        reader, writer = await asyncio.open_connection(host, port)
+        writer.write(b"NOT HTTP AT ALL\r\n\r\n")
+        await asyncio.wait_for(reader.read(), 10)
+        writer.close()
+        return any("suppressed" in r for r in refusals())
+
+    await wait_until(counted_later, within=15, what="a line counting the lines left out")
+    lines = refusals()
+    burst = [r for r in lines if "suppressed" not in r]
+    assert 1 <= len(burst) <= RefusalLog.BURST + seconds * RefusalLog.PER_SECOND + 1, len(burst)
+    assert all(r["level"] == "WARNING" for r in lines), lines
+    assert all("traceback" not in r and "error" not in r for r in lines), lines
+    assert {r["event"] for r in lines} == {"malformed HTTP request"}
+    assert all(r["status"] == 400 for r in lines)
+    assert sum(r.get("suppressed", 0) for r in lines) + len(lines) >= 3 * RefusalLog.BURST
