@@ -7,7 +7,8 @@ pause, each attack sent again the moment it is answered or cut off:
 - garbage: bytes that are not HTTP, and requests with malformed headers;
 - a SignIn flood: well-formed gRPC-Web SignIns with made-up names, through the console.
 
-It prints "attacking" once every kind has been answered at least once. SIGUSR1 pauses it: every
+It prints "attacking" once every kind is under way: answered at least once, or for slow bodies and
+idle connections, opened. SIGUSR1 pauses it: every
 attack stops, every connection is closed, and it prints "paused". SIGUSR2 resumes it. At SIGTERM
 it prints one JSON object: how many answers (HTTP status, or how the connection ended) each kind
 got.
@@ -77,6 +78,9 @@ class Attack:
         self.host, _, port = address.rpartition(":")
         self.port = int(port)
         self.counts: dict[str, Counter[str]] = {kind: Counter() for kind in KINDS}
+        # Connections of the slow kinds opened (and sent to), which are answered only when a
+        # timeout ends them.
+        self.opened: Counter[str] = Counter()
         self.bomb = gzip_bomb()
         self.head_host = f"Host: {address}\r\n"
 
@@ -107,6 +111,7 @@ class Attack:
                     "Content-Type: application/grpc-web+proto\r\nContent-Length: 1000\r\n\r\n"
                 ).encode("ascii")
             )
+            self.opened["slow-body"] += 1
             answer = asyncio.ensure_future(status_of(reader))
             while not answer.done():
                 with contextlib.suppress(ConnectionError):
@@ -119,6 +124,7 @@ class Attack:
 
     async def idler(self) -> None:
         reader, writer = await self.connect()
+        self.opened["idle"] += 1
         try:
             self.counts["idle"][await status_of(reader)] += 1
         finally:
@@ -150,8 +156,13 @@ class Attack:
     def answered(self) -> int:
         return sum(counter.total() for counter in self.counts.values())
 
-    def every_kind_answered_since(self, before: dict[str, int], kinds: tuple[str, ...]) -> bool:
-        return all(self.counts[kind].total() > before[kind] for kind in kinds)
+    def progress(self) -> dict[str, int]:
+        """Per kind: answers, and for the slow kinds connections opened."""
+        return {kind: self.counts[kind].total() + self.opened[kind] for kind in KINDS}
+
+    def every_kind_under_way_since(self, before: dict[str, int], kinds: tuple[str, ...]) -> bool:
+        now = self.progress()
+        return all(now[kind] > before[kind] for kind in kinds)
 
 
 async def forever(
@@ -175,7 +186,7 @@ async def main(address: str, kinds: tuple[str, ...] = KINDS) -> None:
     loop.add_signal_handler(signal.SIGUSR2, resume.set)
     failures: Counter[str] = Counter()
     while not stop.is_set():
-        before = {kind: attack.counts[kind].total() for kind in KINDS}
+        before = attack.progress()
         connector = aiohttp.TCPConnector(limit=SIGN_INS)
         async with aiohttp.ClientSession(connector=connector) as session:
             every: dict[str, list[Callable[[], Awaitable[None]]]] = {
@@ -194,8 +205,8 @@ async def main(address: str, kinds: tuple[str, ...] = KINDS) -> None:
             said = False
             ended = asyncio.create_task(_either(stop, pause))
             while not ended.done():
-                await asyncio.wait([ended], timeout=0.05)
-                if not said and attack.every_kind_answered_since(before, kinds):
+                await asyncio.wait([ended], timeout=0.01)
+                if not said and attack.every_kind_under_way_since(before, kinds):
                     print("attacking", flush=True)
                     said = True
             for task in tasks:

@@ -121,7 +121,10 @@ class Refusal(web.Response):
 
 async def security_headers(request: web.Request, response: web.StreamResponse) -> None:
     """on_response_prepare: the headers of docs/console.md on every answer of the app."""
+    cache = response.headers.get(hdrs.CACHE_CONTROL)
     response.headers.update(SECURITY_HEADERS)
+    if cache is not None:  # a handler's own choice stands
+        response.headers[hdrs.CACHE_CONTROL] = cache
     if request.secure:
         response.headers["Strict-Transport-Security"] = "max-age=31536000"
     response.headers.popall(hdrs.SERVER, None)
@@ -296,10 +299,12 @@ class FrontDoor(RequestHandler):
             self.refusals.refused("malformed HTTP request", request.remote, status)
         if request.writer.output_size > 0:
             raise ConnectionError("an answer was already sent on this connection")
-        phrase = HTTPStatus(status).phrase if status in HTTPStatus._value2member_map_ else ""
         if status == HTTPStatus.BAD_REQUEST:
             return Refusal(status, "400 Bad Request: not an HTTP/1.1 request this console takes")
-        return Refusal(status, f"{status} {phrase}".strip())
+        try:
+            return Refusal(status, f"{status} {HTTPStatus(status).phrase}")
+        except ValueError:
+            return Refusal(status, str(status))
 
     def log_exception(self, *args: Any, **kw: Any) -> None:
         """A request body that breaks HTTP's framing mid-way surfaces here (while aiohttp drops
