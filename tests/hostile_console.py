@@ -11,7 +11,7 @@ It prints "attacking" once every kind is under way: answered at least once, or f
 idle connections, opened. SIGUSR1 pauses it: every
 attack stops, every connection is closed, and it prints "paused". SIGUSR2 resumes it. At SIGTERM
 it prints one JSON object: how many answers (HTTP status, or how the connection ended) each kind
-got.
+got, and how many slow-body and idle connections it opened.
 
     python -m tests.hostile_console HOST:PORT [KIND,KIND…]   (default: every kind)
 """
@@ -219,7 +219,8 @@ async def main(address: str, kinds: tuple[str, ...] = KINDS) -> None:
         await _either(stop, resume)
         resume.clear()
     report = {kind: dict(counter) for kind, counter in attack.counts.items()}
-    print(json.dumps(report | {"errors": dict(failures)}), flush=True)
+    report |= {"opened": dict(attack.opened), "errors": dict(failures)}
+    print(json.dumps(report), flush=True)
 
 
 async def _either(one: asyncio.Event, other: asyncio.Event) -> None:

@@ -38,7 +38,7 @@ from twofactor_service.store.database import Connection
 # medians alike only if attacked and quiet blocks alternate faster than that.
 PROBES = 15  # per block
 BLOCKS = 16  # attacked and quiet blocks, alternating
-# Short limits, so that slow bodies and idle connections are answered often during the test.
+# The shortest limits: the server ends as many slow bodies and idle connections as it can.
 LIMITS = {
     "TWOFACTOR_CONSOLE_HEADER_TIMEOUT_SECONDS": "1",
     "TWOFACTOR_CONSOLE_BODY_TIMEOUT_SECONDS": "1",
@@ -168,19 +168,13 @@ async def test_an_attacked_console_leaves_verify_code_health_and_memory_alone(
         watch.cancel()
         follower.cancel()
     answers = json.loads(report)
-    print(
-        "FIGURES",
-        statistics.median(quiet),
-        statistics.median(attacked),
-        at_rest >> 20,
-        peak >> 20,
-        answers,
-    )
 
     # The attack was one: each kind was answered by the front door as it should be.
     assert answers["bomb"].get("415", 0) > 0, answers
-    assert answers["slow-body"].get("408", 0) > 0, answers
-    assert answers["idle"].get("closed", 0) > 0, answers
+    # Slow bodies and idle connections were held open in every attacked block (the blocks are
+    # shorter than the timeouts that end them: test_console_front_door.py shows those).
+    assert answers["opened"]["slow-body"] >= BLOCKS, answers
+    assert answers["opened"]["idle"] >= BLOCKS, answers
     assert answers["garbage"].get("400", 0) > 0, answers
     assert answers["sign-in"].get("200", 0) > 0, answers
     # Health never left SERVING.
