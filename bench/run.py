@@ -292,7 +292,8 @@ def service(
     metrics_port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("TWOFACTOR_")}
     # Pass through only the tuning knobs; the database and the key are the bench's own.
-    for knob in ("TWOFACTOR_DATABASE_POOL_SIZE", "TWOFACTOR_VERIFY_BATCHES_IN_FLIGHT"):
+    knobs = ("DATABASE_POOL_SIZE", "VERIFY_BATCHES_IN_FLIGHT", "PASSWORD_CHECKS")
+    for knob in (f"TWOFACTOR_{k}" for k in knobs):
         if knob in os.environ:
             env[knob] = os.environ[knob]
     env.update(
@@ -685,10 +686,12 @@ def verify_hostile(args: argparse.Namespace) -> Result:
     attacker runs in SCHED_IDLE, as in tests/test_console_isolation.py: it stands for clients on
     other machines, whose CPU is not the server's."""
     console_port = free_port()
+    # BENCH_HOSTILE_KINDS=bomb,slow-body,idle,garbage,sign-in (all by default): which attacks.
+    kinds = [os.environ["BENCH_HOSTILE_KINDS"]] if os.environ.get("BENCH_HOSTILE_KINDS") else []
     with service(args.data_dir, 1, "verify-hostile", console_port=console_port) as server:
         command = ["chrt", "--idle", "0", sys.executable, "-m", "tests.hostile_console"]
         attacker = subprocess.Popen(  # noqa: S603 - the suite's own attacker
-            [*command, f"127.0.0.1:{console_port}"],
+            [*command, f"127.0.0.1:{console_port}", *kinds],
             stdout=subprocess.PIPE,
             cwd=ROOT,
         )
