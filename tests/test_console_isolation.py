@@ -139,7 +139,6 @@ async def test_an_attacked_console_leaves_verify_code_health_and_memory_alone(
         "-m",
         "tests.hostile_console",
         console_address,
-        *([os.environ["HOSTILE_KINDS"]] if "HOSTILE_KINDS" in os.environ else []),
         stdout=asyncio.subprocess.PIPE,
     )
     assert attacker.stdout is not None
