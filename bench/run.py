@@ -7,6 +7,9 @@ same load generator, bench/load.py, in separate processes):
   verify     VerifyCode on `twofactor serve`, one process
   verify-traced  the same with OpenTelemetry tracing on, exporting to an OTLP receiver here
   signin     SignIn (password + code; argon2id makes it slow, by design)
+  verify-hostile  VerifyCode while the web console is attacked (tests/hostile_console.py:
+             compressed bombs, slow bodies, idle connections, garbage, a SignIn flood); its
+             throughput is printed as a ratio to `verify` (issue 16)
   verify-2w  VerifyCode on `twofactor serve --workers 2`
   echo-2w    the echo server, 2 processes (what 2 processes can give at best on this machine)
   soak       (BENCH_SOAK=seconds) a long VerifyCode run, watching the server's memory
@@ -55,7 +58,7 @@ from twofactor_service.store import database  # noqa: E402
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 SIGN_IN_WARMUP_SECONDS = 8.0
-PHASES = ("echo", "verify", "verify-traced", "signin", "verify-2w", "echo-2w")
+PHASES = ("echo", "verify", "verify-traced", "verify-hostile", "signin", "verify-2w", "echo-2w")
 
 
 def _env(name: str, default: str) -> str:
@@ -284,10 +287,15 @@ def echo_server(data_dir: Path, workers: int) -> Iterator[Server]:
 
 @contextlib.contextmanager
 def service(
-    data_dir: Path, workers: int, name: str, otlp_port: int | None = None
+    data_dir: Path,
+    workers: int,
+    name: str,
+    otlp_port: int | None = None,
+    console_port: int | None = None,
 ) -> Iterator[Server]:
     """`twofactor serve` as `make run` starts it, on the bench's data folder; with tracing
-    only when `otlp_port` names the receiver to export to."""
+    only when `otlp_port` names the receiver to export to, and the web console only when
+    `console_port` is given."""
     port = free_port()
     metrics_port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("TWOFACTOR_", "OTEL_"))}
@@ -302,14 +310,15 @@ def service(
             if knob in os.environ:
                 env[knob] = os.environ[knob]
     # Pass through only the tuning knobs; the database and the key are the bench's own.
-    for knob in ("TWOFACTOR_DATABASE_POOL_SIZE", "TWOFACTOR_VERIFY_BATCHES_IN_FLIGHT"):
+    knobs = ("DATABASE_POOL_SIZE", "VERIFY_BATCHES_IN_FLIGHT", "PASSWORD_CHECKS")
+    for knob in (f"TWOFACTOR_{k}" for k in knobs):
         if knob in os.environ:
             env[knob] = os.environ[knob]
     env.update(
         TWOFACTOR_DATA_DIR=str(data_dir),
         TWOFACTOR_LISTEN_ADDRESS=f"127.0.0.1:{port}",
-        # The bench measures gRPC; the console stays off (and off 8080).
-        TWOFACTOR_CONSOLE_ADDRESS="",
+        # The bench measures gRPC; the console stays off (and off 8080), but in verify-hostile.
+        TWOFACTOR_CONSOLE_ADDRESS=f"127.0.0.1:{console_port}" if console_port else "",
         TWOFACTOR_WORKERS=str(workers),
         # As deployed: metrics on (worker i serves them on this port + i), and the bench reads
         # the VerifyCode batch sizes there.
@@ -690,6 +699,33 @@ def run_against_target(args: argparse.Namespace, target: Target) -> int:
     return 1 if result.errors else 0
 
 
+def verify_hostile(args: argparse.Namespace) -> Result:
+    """VerifyCode's load while another process attacks the console of the same server. The
+    attacker runs in SCHED_IDLE, as in tests/test_console_isolation.py: it stands for clients on
+    other machines, whose CPU is not the server's."""
+    console_port = free_port()
+    # BENCH_HOSTILE_KINDS=bomb,slow-body,idle,garbage,sign-in (all by default): which attacks.
+    kinds = [os.environ["BENCH_HOSTILE_KINDS"]] if os.environ.get("BENCH_HOSTILE_KINDS") else []
+    with service(args.data_dir, 1, "verify-hostile", console_port=console_port) as server:
+        command = ["chrt", "--idle", "0", sys.executable, "-m", "tests.hostile_console"]
+        attacker = subprocess.Popen(  # noqa: S603 - the suite's own attacker
+            [*command, f"127.0.0.1:{console_port}", *kinds],
+            stdout=subprocess.PIPE,
+            cwd=ROOT,
+        )
+        try:
+            assert attacker.stdout is not None
+            if attacker.stdout.readline() != b"attacking\n":
+                raise SystemExit("the console's attacker did not start")
+            result = run_load(args, server, "verify", Result("verify-hostile", 1))
+        finally:
+            attacker.terminate()
+            report, _ = attacker.communicate(timeout=60)
+    answers = json.loads(report.decode().strip().splitlines()[-1])
+    print(f"   the console's attacker was answered: {answers}", flush=True)
+    return result
+
+
 def main() -> int:
     args = parse_args()
     began = time.monotonic()
@@ -731,6 +767,8 @@ def main() -> int:
             workers = 2 if phase == "echo-2w" else 1
             with echo_server(args.data_dir, workers) as server:
                 result = run_load(args, server, "echo", Result(phase, workers))
+        elif phase == "verify-hostile":
+            result = verify_hostile(args)
         else:
             workers = 2 if phase == "verify-2w" else 1
             kind = "signin" if phase == "signin" else "verify"
@@ -804,6 +842,9 @@ def main() -> int:
     if "verify" in results and "verify-traced" in results and results["verify"].calls_per_second:
         traced = results["verify-traced"].calls_per_second / results["verify"].calls_per_second
         print(f"tracing on / off (VerifyCode): {traced:.2f}x")
+    if "verify" in results and "verify-hostile" in results and results["verify"].calls_per_second:
+        hostile = results["verify-hostile"].calls_per_second / results["verify"].calls_per_second
+        print(f"verify-hostile / verify (VerifyCode, console attacked): {hostile:.2f}")
     if "verify" in results and "verify-2w" in results and results["verify"].calls_per_second:
         scale = results["verify-2w"].calls_per_second / results["verify"].calls_per_second
         print(f"2 workers / 1 worker (VerifyCode): {scale:.2f}x")

@@ -143,8 +143,29 @@ async def test_a_malformed_body_is_invalid_argument_with_a_reason(
         ({"authorization": "Bearer caf\u00e9"}, "authorization header"),
         ({"x-step-up-code": "12\t34"}, "x-step-up-code header"),
         ({"grpc-timeout": "soon"}, "grpc-timeout"),
+        # Arabic-Indic and full-width digits are digits to Python, not to the gRPC spec.
+        ({"grpc-timeout": "\u0661\u0662S"}, "grpc-timeout"),
+        ({"grpc-timeout": "\uff15S"}, "grpc-timeout"),
+        ({"grpc-timeout": "123456789S"}, "grpc-timeout"),
+        ({"grpc-timeout": "5s"}, "grpc-timeout"),
+        ({"grpc-timeout": "+5S"}, "grpc-timeout"),
+        ({"grpc-timeout": "5"}, "grpc-timeout"),
+        ({"grpc-timeout": "S"}, "grpc-timeout"),
+        ({"grpc-timeout": "1.5S"}, "grpc-timeout"),
     ],
-    ids=["non-ascii-token", "control-character", "bad-timeout"],
+    ids=[
+        "non-ascii-token",
+        "control-character",
+        "bad-timeout",
+        "timeout-in-arabic-digits",
+        "timeout-in-full-width-digits",
+        "timeout-of-nine-digits",
+        "timeout-unit-lowercase-s",
+        "timeout-with-sign",
+        "timeout-without-unit",
+        "timeout-without-digits",
+        "timeout-with-fraction",
+    ],
 )
 async def test_a_malformed_header_is_invalid_argument_with_a_reason(
     http: tuple[aiohttp.ClientSession, str], headers: dict[str, str], message: str
@@ -155,6 +176,21 @@ async def test_a_malformed_header_is_invalid_argument_with_a_reason(
         trailers = trailers_of(await r.read())
     assert trailers["grpc-status"] == str(grpc.StatusCode.INVALID_ARGUMENT.value[0])
     assert message in trailers["grpc-message"]
+
+
+@pytest.mark.parametrize("value", ["99999999H", "99999999M", "1H", "00000030S", "30000000u"])
+async def test_any_timeout_the_spec_allows_reaches_the_service(
+    http: tuple[aiohttp.ClientSession, str], value: str
+) -> None:
+    """Up to 8 digits and a unit, however long: the service answers (here: no session), never
+    DEADLINE_EXCEEDED nor a refusal of the header."""
+    session, url = http
+    request = frame(pb.GetSettingsRequest().SerializeToString())
+    path = "twofactor.v1.TwoFactorService/GetSettings"
+    headers = GRPC_WEB | {"grpc-timeout": value}
+    async with session.post(url + path, data=request, headers=headers) as response:
+        trailers = trailers_of(await response.read())
+    assert trailers["grpc-status"] == str(grpc.StatusCode.UNAUTHENTICATED.value[0])
 
 
 async def test_an_unknown_method_is_unimplemented(http: tuple[aiohttp.ClientSession, str]) -> None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import re
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -69,6 +71,27 @@ class SiemConfig:
 
 
 @dataclass(frozen=True)
+class ConsoleLimits:
+    """The web console's HTTP front door (console/front_door.py): every read of the network has
+    a deadline, and connections are capped, so an anonymous client cannot hold its resources."""
+
+    # From a request's first byte to the end of its head (request line and headers).
+    header_timeout_seconds: float = 10
+    # From the end of the head to the end of the body.
+    body_timeout_seconds: float = 10
+    # An open connection with no request in it is closed after this long.
+    idle_timeout_seconds: float = 30
+    # Connections open at once (per console process); more are answered 503 and closed.
+    max_connections: int = 100
+    # Host names (or IP literals) the console answers to; empty: the bound address and the
+    # loopback names (console/front_door.py, allowed_hosts).
+    hosts: tuple[str, ...] = ()
+    # The console process's CPU class: "idle" (SCHED_IDLE: it runs only on CPU time no other
+    # task wants) or "batch" (SCHED_BATCH at nice 10). Either way the gRPC server wins.
+    cpu_class: str = "idle"
+
+
+@dataclass(frozen=True)
 class Config:
     listen_address: str = "127.0.0.1:50051"
     # None: start the embedded PostgreSQL in `data_dir`.
@@ -90,6 +113,7 @@ class Config:
     metrics_address: str | None = None
     # The web console (console/): HTTP, or HTTPS with `tls`; None turns it off.
     console_address: str | None = "127.0.0.1:8080"
+    console_limits: ConsoleLimits = field(default_factory=ConsoleLimits)
     log_level: str = "INFO"
     tls: TlsConfig | None = None
     max_message_bytes: int = 64 * 1024
@@ -268,6 +292,39 @@ def _siem(env: Mapping[str, str]) -> SiemConfig | None:
     )
 
 
+# RFC 1123 host names, ASCII only (an IDN is given in its xn-- form).
+_HOST_NAME = re.compile(r"[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*")
+
+
+def _console_hosts(raw: str | None) -> tuple[str, ...]:
+    """ "name,name,…": the Host names the console answers to (no port, no scheme)."""
+    hosts: list[str] = []
+    for item in (raw or "").split(","):
+        name = item.strip().lower().rstrip(".")
+        if not name:
+            continue
+        bare = name[1:-1] if name.startswith("[") and name.endswith("]") else name
+        try:
+            hosts.append(str(ipaddress.ip_address(bare)))
+            continue
+        except ValueError:
+            pass
+        if not _HOST_NAME.fullmatch(name):
+            raise ConfigError(
+                f"{PREFIX}CONSOLE_HOSTS: {item.strip()!r} is not a host name or an IP address "
+                "(give names without a port or scheme, separated by commas)"
+            )
+        hosts.append(name)
+    return tuple(hosts)
+
+
+def _console_cpu_class(env: Mapping[str, str]) -> str:
+    raw = env.get(PREFIX + "CONSOLE_CPU_CLASS", "idle").strip().lower() or "idle"
+    if raw not in ("idle", "batch"):
+        raise ConfigError(f"{PREFIX}CONSOLE_CPU_CLASS must be idle or batch, got {raw!r}")
+    return raw
+
+
 def load_config(env: Mapping[str, str] | None = None) -> Config:
     """Builds the configuration from the environment; raises ConfigError naming the variable."""
     env = os.environ if env is None else env
@@ -331,6 +388,14 @@ def load_config(env: Mapping[str, str] | None = None) -> Config:
         encryption_key_file=_path(env, "ENCRYPTION_KEY_FILE"),
         metrics_address=env.get(PREFIX + "METRICS_ADDRESS") or None,
         console_address=_console_address(env),
+        console_limits=ConsoleLimits(
+            header_timeout_seconds=_int(env, "CONSOLE_HEADER_TIMEOUT_SECONDS", 10, 1, 300),
+            body_timeout_seconds=_int(env, "CONSOLE_BODY_TIMEOUT_SECONDS", 10, 1, 300),
+            idle_timeout_seconds=_int(env, "CONSOLE_IDLE_TIMEOUT_SECONDS", 30, 1, 3600),
+            max_connections=_int(env, "CONSOLE_MAX_CONNECTIONS", 100, 1, 10_000),
+            hosts=_console_hosts(env.get(PREFIX + "CONSOLE_HOSTS")),
+            cpu_class=_console_cpu_class(env),
+        ),
         log_level=log_level,
         tls=tls,
         workers=_int(env, "WORKERS", 1, 1, 64),

@@ -21,7 +21,7 @@ from twofactor.v1 import twofactor_service_pb2_grpc as pb_grpc
 
 from twofactor_service.audit_chain import seal_periodically
 from twofactor_service.config import Config, ConfigError
-from twofactor_service.console.site import ConsoleEndpoint, start_console
+from twofactor_service.console.supervisor import ConsoleEndpoint, start_console
 from twofactor_service.encryption import KeyRing
 from twofactor_service.housekeeping import keep_house
 from twofactor_service.listen import AddressUnavailable, ensure_can_listen
@@ -87,7 +87,7 @@ class RunningServer:
     housekeeper: asyncio.Task[None] | None = field(default=None)
     # Hears which callers changed, for the identity cache (transport/identities.py).
     identity_listener: asyncio.Task[None] | None = field(default=None)
-    # The web console, when TWOFACTOR_CONSOLE_ADDRESS is set (the default).
+    # The web console's own process, when TWOFACTOR_CONSOLE_ADDRESS is set (the default).
     console: ConsoleEndpoint | None = field(default=None)
     # Audit export to a SIEM, when TWOFACTOR_SIEM_ADDRESS is set (siem_export.py).
     siem: SiemExport | None = field(default=None)
@@ -198,11 +198,13 @@ async def start_server(
     )
     if socket_dir is not None:
         server.add_insecure_port(f"unix:{socket_dir / 'grpc.sock'}")
-    await server.start()
     console: ConsoleEndpoint | None = None
     try:
+        # The console's process first: health says SERVING as soon as the server starts, and
+        # the console should be listening by then (its channel connects on its first call).
         if socket_dir is not None:
             console = await start_console(config, socket_dir)
+        await server.start()
         address = config.metrics_address
         collectors = [siem.collector] if siem is not None else []
         endpoint = serve_metrics(address, pool, collectors) if address else None

@@ -1,9 +1,10 @@
-"""Forwards a browser's gRPC-Web call to this process's own gRPC server, as bytes.
+"""Forwards a browser's gRPC-Web call to the gRPC server, as bytes.
 
-The call goes over a unix socket that only this process listens on (server.py adds it), into
-the same grpc.aio server as a native call, so the same call pipeline decides it: authentication,
-rights, two-factor, step-up, throttling, audit. Nothing here knows a rule; the bridge only
-changes the framing, and chooses what crosses:
+The bridge runs in the console's own process (process.py); the call goes over a unix socket
+that only the gRPC server listens on (server.py adds it, in a folder only the service's user
+can open), into the same grpc.aio server as a native call, so the same call pipeline decides
+it: authentication, rights, two-factor, step-up, throttling, audit. Nothing here knows a rule;
+the bridge only changes the framing, and chooses what crosses:
 
 - into the call: the metadata a client of the contract sends (session token, step-up proof,
   request id), and the browser's address for the audit log (forwarded_peer.py);
@@ -13,17 +14,20 @@ changes the framing, and chooses what crosses:
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from typing import TypeAlias
 
 import grpc
 from aiohttp import web
+from aiohttp.web_protocol import RequestPayloadError
 from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
 from google.rpc import error_details_pb2, status_pb2
 
 from twofactor_service.console import grpc_web
-from twofactor_service.transport.forwarded_peer import BRIDGE_KEY, FORWARDED_FOR, FORWARDED_KEY
+from twofactor_service.console.front_door import Refusal
+from twofactor_service.transport.forwarded_peer import FORWARDED_FOR, FORWARDED_KEY
 
 # The metadata of the contract (twofactor_service.proto's service comment); nothing else a
 # browser sends reaches the server.
@@ -74,9 +78,19 @@ def _returned_trailers(metadata: grpc.aio.Metadata | None) -> list[tuple[str, st
 
 
 class Bridge:
-    def __init__(self, channel: grpc.aio.Channel, service: ServiceDescriptor) -> None:
+    def __init__(
+        self,
+        channel: grpc.aio.Channel,
+        service: ServiceDescriptor,
+        forwarded_key: str,
+        body_timeout_seconds: float,
+    ) -> None:
         self.channel = channel
         self.service = service
+        # The gRPC server's key for forwarded peers (transport/forwarded_peer.py), handed to
+        # this process on its stdin.
+        self.forwarded_key = forwarded_key
+        self.body_timeout_seconds = body_timeout_seconds
         self.methods: dict[str, MethodDescriptor] = {m.name: m for m in service.methods}
 
     def _metadata(self, request: web.Request) -> list[tuple[str, str]]:
@@ -87,7 +101,8 @@ class Bridge:
             # What gRPC accepts in a text metadata value.
             if not (value.isascii() and value.isprintable()):
                 raise grpc_web.MalformedRequest(f"the {key} header must be printable ASCII")
-        metadata += [(FORWARDED_FOR, _browser_address(request)), (FORWARDED_KEY, BRIDGE_KEY)]
+        metadata.append((FORWARDED_FOR, _browser_address(request)))
+        metadata.append((FORWARDED_KEY, self.forwarded_key))
         return metadata
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
@@ -97,6 +112,17 @@ class Bridge:
             raise web.HTTPUnsupportedMediaType(
                 text=f"send {grpc_web.CONTENT_TYPE} (binary gRPC-Web)"
             )
+        length = request.content_length
+        if length is not None and length > request.client_max_size:
+            # Refused unread; the connection closes after the answer.
+            return Refusal(413, "the request body is larger than the largest message accepted")
+        try:
+            async with asyncio.timeout(self.body_timeout_seconds):
+                body = await request.read()
+        except TimeoutError:
+            return Refusal(408, "the request body did not arrive in time")
+        except RequestPayloadError:
+            return Refusal(400, "the request body is not framed as HTTP/1.1 says")
         response = web.StreamResponse(headers={"Content-Type": grpc_web.CONTENT_TYPE})
         method = self.methods.get(request.match_info["method"])
         if method is None or method.client_streaming:
@@ -104,7 +130,7 @@ class Bridge:
             await self._finish(response, grpc.StatusCode.UNIMPLEMENTED, "no such method", [])
             return response
         try:
-            message = grpc_web.single_message(await request.read())
+            message = grpc_web.single_message(body)
             deadline = grpc_web.timeout_seconds(request.headers.get("grpc-timeout"))
             metadata = self._metadata(request)
         except grpc_web.MalformedRequest as exc:

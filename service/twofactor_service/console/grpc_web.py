@@ -23,9 +23,13 @@ ACCEPTED_CONTENT_TYPES = ("application/grpc-web", "application/grpc-web+proto")
 _HEADER = struct.Struct(">BI")
 _TRAILER_FLAG = 0x80
 _COMPRESSED_FLAG = 0x01
-# grpc-timeout: up to 8 digits and a unit (PROTOCOL-HTTP2.md).
-_TIMEOUT = re.compile(r"^(\d{1,8})([HMSmun])$")
+# grpc-timeout: 1 to 8 ASCII digits and a unit (PROTOCOL-HTTP2.md: TimeoutValue, TimeoutUnit).
+# [0-9], not \d: \d takes any script's digits; fullmatch, not $: $ allows a final newline.
+_TIMEOUT = re.compile(r"([0-9]{1,8})([HMSmun])")
 _TIMEOUT_UNITS = {"H": 3600.0, "M": 60.0, "S": 1.0, "m": 1e-3, "u": 1e-6, "n": 1e-9}
+# The spec allows up to 99999999 hours (11,000 years), past what gRPC's clock can add to now;
+# a deadline beyond this is no deadline at all, and is passed on as none.
+LONGEST_DEADLINE_SECONDS = 365 * 86400.0
 # grpc-message is percent-encoded: everything but printable ASCII, and "%" itself.
 _MESSAGE_SAFE = "".join(chr(c) for c in range(0x20, 0x7F) if chr(c) != "%")
 
@@ -69,10 +73,13 @@ def binary_value(value: bytes) -> str:
 
 
 def timeout_seconds(header: str | None) -> float | None:
-    """The grpc-timeout header in seconds; None when absent."""
+    """The grpc-timeout header in seconds; None when absent or beyond any useful deadline."""
     if header is None:
         return None
-    match = _TIMEOUT.match(header)
+    match = _TIMEOUT.fullmatch(header)
     if match is None:
-        raise MalformedRequest("grpc-timeout must be up to 8 digits and a unit (H M S m u n)")
-    return int(match.group(1)) * _TIMEOUT_UNITS[match.group(2)]
+        raise MalformedRequest(
+            "grpc-timeout must be 1 to 8 ASCII digits and a unit (H, M, S, m, u or n)"
+        )
+    seconds = int(match.group(1)) * _TIMEOUT_UNITS[match.group(2)]
+    return None if seconds > LONGEST_DEADLINE_SECONDS else seconds

@@ -1,15 +1,15 @@
-"""The console's HTTP server (aiohttp): the page, its bundle, and the RPC bridge.
+"""The console's HTTP server (aiohttp): the page, its bundle, and the RPC bridge. It runs in the
+console's own process (process.py), never on the gRPC server's event loop.
 
-Every response carries headers that keep the page to itself: a Content-Security-Policy that
-allows only this origin's own script, style and calls (no inline script or style, no framing),
-X-Frame-Options DENY, no referrer, no sniffing. There are no CORS headers, and the bridge
-refuses calls a browser marks as coming from another site, so no other origin can drive it.
+Every response carries headers that keep the page to itself (front_door.py): a
+Content-Security-Policy that allows only this origin's own script, style and calls (no inline
+script or style, no framing), X-Frame-Options DENY, no referrer, no sniffing. There are no CORS
+headers, and the bridge refuses calls a browser marks as coming from another site, so no other
+origin can drive it.
 """
 
 from __future__ import annotations
 
-import errno
-import shutil
 import ssl
 from dataclasses import dataclass
 from importlib import resources
@@ -19,43 +19,22 @@ import grpc
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from twofactor_service.config import Config, ConfigError
+from twofactor_service.config import ConsoleLimits
 from twofactor_service.console.bridge import Bridge
+from twofactor_service.console.front_door import (
+    FrontDoorSite,
+    RefusalLog,
+    allowed_hosts,
+    host_check,
+    identity_only,
+    security_headers,
+)
 from twofactor_service.policy import SERVICE
 
 STATIC = Path(str(resources.files("twofactor_service.console") / "static"))
 
-CONTENT_SECURITY_POLICY = "; ".join(
-    (
-        "default-src 'none'",
-        "script-src 'self'",
-        "style-src 'self'",
-        # The QR code of a pending key is shown from a blob: URL of its PNG bytes.
-        "img-src 'self' blob:",
-        "connect-src 'self'",
-        "base-uri 'none'",
-        "form-action 'none'",
-        "frame-ancestors 'none'",
-    )
-)
-SECURITY_HEADERS = {
-    "Content-Security-Policy": CONTENT_SECURITY_POLICY,
-    "X-Frame-Options": "DENY",
-    "Referrer-Policy": "no-referrer",
-    "X-Content-Type-Options": "nosniff",
-    "Cross-Origin-Opener-Policy": "same-origin",
-    "Cross-Origin-Resource-Policy": "same-origin",
-}
 # How long a stop waits for running calls (a followed audit log never ends by itself).
 SHUTDOWN_SECONDS = 2.0
-
-
-async def _security_headers(request: web.Request, response: web.StreamResponse) -> None:
-    response.headers.update(SECURITY_HEADERS)
-    if request.secure:
-        response.headers["Strict-Transport-Security"] = "max-age=31536000"
-    # Answers hold session-bound data; the bundle changes with each release.
-    response.headers.setdefault("Cache-Control", "no-store")
 
 
 def cross_site(request: web.Request) -> bool:
@@ -80,78 +59,95 @@ async def _index(request: web.Request) -> web.FileResponse:
     return web.FileResponse(STATIC / "index.html")
 
 
-def application(channel: grpc.aio.Channel, max_message_bytes: int) -> web.Application:
-    bridge = Bridge(channel, SERVICE)
+def application(
+    channel: grpc.aio.Channel,
+    max_message_bytes: int,
+    forwarded_key: str,
+    limits: ConsoleLimits,
+    hosts: frozenset[str],
+    refusals: RefusalLog,
+) -> web.Application:
+    bridge = Bridge(channel, SERVICE, forwarded_key, limits.body_timeout_seconds)
     # A request is one message frame (5 bytes) plus the message; more is refused (413).
-    app = web.Application(middlewares=[_same_origin_only], client_max_size=max_message_bytes + 5)
-    app.on_response_prepare.append(_security_headers)
+    app = web.Application(
+        middlewares=[host_check(hosts, refusals), identity_only(refusals), _same_origin_only],
+        client_max_size=max_message_bytes + 5,
+    )
+    app.on_response_prepare.append(security_headers)
     app.router.add_get("/", _index)
     app.router.add_static("/static/", STATIC)
     app.router.add_post(f"/{SERVICE.full_name}/{{method}}", bridge.handle)
     return app
 
 
-def _ssl_context(config: Config) -> ssl.SSLContext | None:
+def ssl_context(
+    cert_file: str | None, key_file: str | None, client_ca_file: str | None
+) -> ssl.SSLContext | None:
     """The gRPC port's certificate settings (TWOFACTOR_TLS_*), client certificates included."""
-    if config.tls is None:
+    if cert_file is None or key_file is None:
         return None
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.load_cert_chain(config.tls.cert_file, config.tls.key_file)
-    if config.tls.client_ca_file is not None:
+    context.load_cert_chain(cert_file, key_file)
+    if client_ca_file is not None:
         context.verify_mode = ssl.CERT_REQUIRED
-        context.load_verify_locations(cafile=config.tls.client_ca_file)
+        context.load_verify_locations(cafile=client_ca_file)
     return context
 
 
 @dataclass
-class ConsoleEndpoint:
-    """The running console: its HTTP server, its channel to the gRPC server, its socket."""
+class ConsoleSite:
+    """The console's HTTP server, running in this (the console's) process."""
 
     runner: web.AppRunner
     channel: grpc.aio.Channel
-    socket_dir: Path
     port: int
-    url: str
 
     async def stop(self) -> None:
         await self.runner.cleanup()
         await self.channel.close()
-        shutil.rmtree(self.socket_dir, ignore_errors=True)
 
 
-async def start_console(config: Config, socket_dir: Path) -> ConsoleEndpoint:
-    """Serves the console on `config.console_address`, forwarding to the gRPC server's unix
-    socket in `socket_dir`."""
-    assert config.console_address is not None
-    host, _, port_text = config.console_address.rpartition(":")
-    host = host.strip("[]")
-    channel = grpc.aio.insecure_channel(f"unix:{socket_dir / 'grpc.sock'}")
+async def serve_console(
+    *,
+    host: str,
+    port: int,
+    socket_path: str,
+    max_message_bytes: int,
+    forwarded_key: str,
+    limits: ConsoleLimits,
+    context: ssl.SSLContext | None,
+    reuse_port: bool,
+) -> ConsoleSite:
+    """Serves the console on host:port, forwarding to the gRPC server's unix socket."""
+    channel = grpc.aio.insecure_channel(f"unix:{socket_path}")
+    refusals = RefusalLog()
+    app = application(
+        channel,
+        max_message_bytes,
+        forwarded_key,
+        limits,
+        allowed_hosts(host, limits.hosts),
+        refusals,
+    )
     # handler_cancellation: a browser that leaves a followed audit log ends its call.
     runner = web.AppRunner(
-        application(channel, config.max_message_bytes),
-        handler_cancellation=True,
-        shutdown_timeout=SHUTDOWN_SECONDS,
-        access_log=None,
+        app, handler_cancellation=True, shutdown_timeout=SHUTDOWN_SECONDS, access_log=None
     )
     await runner.setup()
-    context = _ssl_context(config)
-    # With `serve --workers N` every worker serves the console on the shared port too.
-    site = web.TCPSite(
-        runner, host, int(port_text), ssl_context=context, reuse_port=config.workers > 1
+    site = FrontDoorSite(
+        runner,
+        host,
+        port,
+        limits=limits,
+        refusals=refusals,
+        ssl_context=context,
+        reuse_port=reuse_port,
     )
     try:
         await site.start()
-    except OSError as exc:
+    except BaseException:
         await runner.cleanup()
         await channel.close()
-        if exc.errno == errno.EADDRINUSE:
-            raise ConfigError(
-                f"TWOFACTOR_CONSOLE_ADDRESS: {config.console_address} is in use; choose "
-                "another address, or set it empty to turn the console off"
-            ) from None
         raise
-    port = int(runner.addresses[0][1])
-    scheme = "https" if context else "http"
-    shown = f"[{host}]" if ":" in host else host
-    return ConsoleEndpoint(runner, channel, socket_dir, port, f"{scheme}://{shown}:{port}/")
+    return ConsoleSite(runner, channel, site.bound_port)

@@ -1,10 +1,11 @@
 """The peer a call is recorded with, when the web console forwarded it for a browser.
 
-The console (console/bridge.py) passes each browser call to this same gRPC server over a unix
-socket, so the server sees the peer "unix:", not the browser. The bridge names the browser's
-address in metadata, together with a key made when this process started that never leaves it:
-only the bridge can send it, so no other caller (over TCP, or over another unix socket) can
-have an address of its choosing written to the audit log.
+The console (console/bridge.py, in the console's own process) passes each browser call to this
+server over a unix socket, so the server sees the peer "unix:", not the browser. The bridge
+names the browser's address in metadata, together with a key made when this process started
+that goes nowhere but to its own console process, on that process's stdin (never on a command
+line): only the bridge can send it, so no other caller (over TCP, or over another unix socket)
+can have an address of its choosing written to the audit log.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ import grpc
 # never forwarded.
 FORWARDED_FOR = "x-twofactor-forwarded-for"
 FORWARDED_KEY = "x-twofactor-forwarded-key"
-# Made once per process (each worker of `serve --workers N` has its own).
+# Made once per server process (each worker of `serve --workers N` has its own, and hands it to
+# its own console process).
 BRIDGE_KEY = secrets.token_urlsafe(32)
 # A browser's address as the bridge writes it, e.g. "ipv4:127.0.0.1:51234"; more is cut.
 MAX_FORWARDED_LENGTH = 100
