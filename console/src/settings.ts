@@ -106,6 +106,19 @@ function listSection(name: ListName, actor: AccountStatus): HTMLElement {
     { class: "list", "aria-label": calls.title },
     h("h2", {}, calls.title),
     h("p", {}, calls.explanation),
+    // Before the list, so that a long list does not stand between a keyboard user and it.
+    mayCall(actor, calls.addRpc)
+      ? form(
+          async () => {
+            if (await act((headers) => calls.add(newName.input.value.trim(), headers))) {
+              newName.input.value = "";
+            }
+          },
+          newName.row,
+          h("button", { type: "submit" }, "Add"),
+        )
+      : null,
+    problems,
     h(
       "table",
       {},
@@ -123,18 +136,6 @@ function listSection(name: ListName, actor: AccountStatus): HTMLElement {
       ),
       rows,
     ),
-    mayCall(actor, calls.addRpc)
-      ? form(
-          async () => {
-            if (await act((headers) => calls.add(newName.input.value.trim(), headers))) {
-              newName.input.value = "";
-            }
-          },
-          newName.row,
-          h("button", { type: "submit" }, "Add"),
-        )
-      : null,
-    problems,
   );
   load().catch((error: unknown) => problems.replaceChildren(refusalView(error)));
   return section;

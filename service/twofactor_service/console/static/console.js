@@ -8080,6 +8080,17 @@ function listSection(name, actor2) {
     { class: "list", "aria-label": calls.title },
     h("h2", {}, calls.title),
     h("p", {}, calls.explanation),
+    // Before the list, so that a long list does not stand between a keyboard user and it.
+    mayCall(actor2, calls.addRpc) ? form(
+      async () => {
+        if (await act((headers) => calls.add(newName.input.value.trim(), headers))) {
+          newName.input.value = "";
+        }
+      },
+      newName.row,
+      h("button", { type: "submit" }, "Add")
+    ) : null,
+    problems,
     h(
       "table",
       {},
@@ -8096,17 +8107,7 @@ function listSection(name, actor2) {
         )
       ),
       rows
-    ),
-    mayCall(actor2, calls.addRpc) ? form(
-      async () => {
-        if (await act((headers) => calls.add(newName.input.value.trim(), headers))) {
-          newName.input.value = "";
-        }
-      },
-      newName.row,
-      h("button", { type: "submit" }, "Add")
-    ) : null,
-    problems
+    )
   );
   load().catch((error) => problems.replaceChildren(refusalView(error)));
   return section;
