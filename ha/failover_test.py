@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import os
 import shutil
 import sys
@@ -233,15 +234,33 @@ async def wait_writable(cluster: Cluster, within: float) -> float:
             conn = await asyncpg.connect(
                 cluster.node_url(node) + "?target_session_attrs=read-write", timeout=1
             )
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError):
+        except (
+            OSError,
+            asyncpg.PostgresError,
+            asyncpg.InterfaceError,
+            asyncpg.InternalClientError,  # TargetServerAttributeNotMatched: a standby
+            TimeoutError,
+        ):
             return False
         conn.terminate()
         return True
 
-    while time.monotonic() < deadline:
-        if any(await asyncio.gather(*(writable(n) for n in cluster.nodes))):
-            return time.monotonic()
-        await asyncio.sleep(0.1)
+    async def poll(node: Node) -> float:
+        while time.monotonic() < deadline:
+            if await writable(node):
+                return time.monotonic()
+            await asyncio.sleep(0.1)
+        raise ClusterError(f"no writable primary within {within:.0f} s")
+
+    pollers = [asyncio.create_task(poll(n)) for n in cluster.nodes]
+    try:
+        for first in asyncio.as_completed(pollers):
+            with contextlib.suppress(ClusterError):
+                return await first
+    finally:
+        for poller in pollers:
+            poller.cancel()
+        await asyncio.gather(*pollers, return_exceptions=True)
     raise ClusterError(f"no writable primary within {within:.0f} s")
 
 
