@@ -5,8 +5,9 @@ frozen (and failed over). Prints, for each, what the calls got and how long writ
 
     .venv/bin/python -m ha.failure_modes
 
-Two replicas write all the time: `multi` on the multi-host URL, `single` on the first node
-alone. Each sends a SignIn (a session: one write) every 0.1 s with a 10 s deadline. Everything
+A replica on the multi-host URL writes all the time (`multi`), and for the freeze a second one
+on the primary's URL alone (`single`). Each sends a SignIn (a session: one write) every 0.1 s
+with a 10 s deadline. Everything
 it starts is stopped by PID; a frozen node is resumed on any way out.
 """
 
@@ -100,15 +101,9 @@ async def _settle(cluster: Cluster) -> None:
 async def run(base: Path) -> None:
     keys = new_key_line("modes")
     async with running_cluster(base) as cluster:
-        primary = await cluster.primary()
-        assert primary is not None
         multi_url = cluster.database_url
-        single_url = cluster.node_url(primary)
         settings = {"log_level": "WARNING", "console_address": ""}
-        replicas = [
-            start_replica("multi", base / "logs", multi_url, keys, **settings),
-            start_replica("single", base / "logs", single_url, keys, **settings),
-        ]
+        replicas = [start_replica("multi", base / "logs", multi_url, keys, **settings)]
         stop = asyncio.Event()
         channels = [grpc.aio.insecure_channel(r.address) for r in replicas]
         try:
@@ -127,17 +122,30 @@ async def run(base: Path) -> None:
             await asyncio.sleep(3)
 
             # 1. The primary's postmaster alone, SIGKILL: its keeper restarts PostgreSQL.
+            primary = await cluster.primary()
+            assert primary is not None
             postmaster = primary.postmaster_pid()
             assert postmaster is not None
             at = time.monotonic()
             psutil.Process(postmaster).send_signal(signal.SIGKILL)
             await asyncio.sleep(10)
-            print("postmaster killed (SIGKILL; the keeper restarts it, no failover):")
+            after = await cluster.primary()
+            print(
+                f"postmaster of {primary.name} killed (SIGKILL; its keeper restarts it); "
+                + (
+                    "no failover"
+                    if after is primary
+                    else "the keeper reported PostgreSQL down and the monitor failed over"
+                )
+                + ":"
+            )
             for writer in writers:
                 print("   ", writer.summary(at, time.monotonic()))
             await _settle(cluster)
 
             # 2. The primary read-only for a while (default_transaction_read_only).
+            primary = await cluster.primary()
+            assert primary is not None
             url = cluster.node_url(primary)
             at = time.monotonic()
             await _alter(url, "ALTER SYSTEM SET default_transaction_read_only = on")
@@ -164,6 +172,17 @@ async def run(base: Path) -> None:
             await _settle(cluster)
 
             # 3. The node frozen: `single` has no other host; `multi` follows the failover.
+            primary = await cluster.primary()
+            assert primary is not None
+            single = start_replica(
+                "single", base / "logs", cluster.node_url(primary), keys, **settings
+            )
+            replicas.append(single)
+            channels.append(grpc.aio.insecure_channel(single.address))
+            await wait_serving(single)
+            writers.append(Writer("single", pb_grpc.TwoFactorServiceStub(channels[-1])))
+            tasks.append(asyncio.create_task(writers[-1].run(stop)))
+            await asyncio.sleep(3)
             at = time.monotonic()
             frozen = cluster.freeze(primary)
             try:
@@ -171,7 +190,7 @@ async def run(base: Path) -> None:
             finally:
                 cluster.thaw(frozen)
             await asyncio.sleep(5)
-            print(f"node frozen (SIGSTOP) for {FROZEN_SECONDS:.0f} s, then resumed:")
+            print(f"{primary.name} frozen (SIGSTOP) for {FROZEN_SECONDS:.0f} s, then resumed:")
             for writer in writers:
                 print("   ", writer.summary(at, time.monotonic()))
             stop.set()
