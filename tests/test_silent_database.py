@@ -185,3 +185,42 @@ async def test_a_silent_database_answers_unavailable_in_time_and_health_follows(
         freezing.flowing.set()
         await wait_until(serving, within=15, what="health SERVING once the database answers")
         assert (await verify()).result == enums_pb2.VERIFY_CODE_RESULT_OK
+
+
+async def test_a_server_on_an_older_timeline_is_refused(database_url: str) -> None:
+    """An old primary that was resumed after a failover still accepts writes, on the timeline
+    it had; the pool has written to the new primary, on a newer one. Here the pool is told it
+    saw a newer timeline of the suite's PostgreSQL than the one it runs on."""
+    async with scratch_database(database_url) as url:
+        pool = await database.create_pool(url, 2)
+        try:
+            guard = database.guard_of(pool)
+            assert guard is not None
+            assert await database.writability(pool) is database.Writability.WRITABLE
+            ((system, timeline),) = guard.timelines.items()
+            guard.timelines[system] = timeline + 1
+            await guard.drop()  # the pool's connections predate the "promotion"
+            with pytest.raises(database.StalePrimary):
+                async with pool.acquire():
+                    pass
+            assert await database.writability(pool) is not database.Writability.WRITABLE
+            # The same server once the pool has seen no newer timeline (a new cluster, say).
+            guard.timelines.clear()
+            assert await database.writability(pool) is database.Writability.WRITABLE
+        finally:
+            pool.terminate()
+
+
+def test_the_last_primary_is_tried_first_and_silent_hosts_last() -> None:
+    guard = database.Guard()
+    hosts = [("db1", 5432), ("db2", 5432), ("db3", 5432)]
+    assert guard.order(hosts) == hosts
+    guard.admit("db2:5432", 7, 3)
+    assert guard.order(hosts) == [("db2", 5432), ("db1", 5432), ("db3", 5432)]
+    guard.suspect("db2:5432")
+    guard.suspect("db1:5432")
+    assert guard.order(hosts) == [("db3", 5432), ("db1", 5432), ("db2", 5432)]
+    with pytest.raises(database.StalePrimary):
+        guard.admit("db1:5432", 7, 2)
+    guard.admit("db3:5432", 8, 1)  # another cluster: its own timelines
+    assert guard.timelines == {7: 3, 8: 1}

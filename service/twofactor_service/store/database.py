@@ -27,6 +27,7 @@ from typing import Any, TypeAlias
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import asyncpg
+import asyncpg.transaction
 from asyncpg.pool import PoolConnectionProxy
 
 log = logging.getLogger(__name__)
@@ -66,8 +67,8 @@ CONNECT_TIMEOUT_SECONDS = 2.0
 STATEMENT_TIMEOUT = "3s"
 # - a statement on a server that does not answer at all (frozen, black-holed): asyncpg's
 #   command_timeout. The connection is then discarded rather than cancelled (a CancelRequest to
-#   a frozen server waits as long), every pooled connection is expired, and the host goes to
-#   the back of the URL's order for SUSPECT_SECONDS;
+#   a frozen server waits as long), every connection to that host is closed, and the host goes
+#   to the back of the URL's order for SUSPECT_SECONDS;
 COMMAND_TIMEOUT_SECONDS = 4.0
 # - the socket: keepalive probes on an idle connection and TCP_USER_TIMEOUT on unacknowledged
 #   data, so the kernel gives up on a peer whose machine is gone or unreachable within a few
@@ -83,14 +84,16 @@ TCP_USER_TIMEOUT_MS = 5000
 LONG_STATEMENT_SECONDS = 600.0
 SUSPECT_SECONDS = 30.0
 
-# What a new connection reports before the pool hands it out: the timeline the server writes
-# on, NULL on a standby. A promotion always starts a new timeline, so a server on a lower
-# timeline than one this pool has already written to is an old primary that has not yet learnt
-# it was replaced (a frozen node that was resumed): it is refused like an unreachable host.
+# What a new connection reports before the pool hands it out: its cluster's system identifier
+# and the timeline the server writes on (NULL on a standby). A promotion always starts a new
+# timeline, so a server of the same cluster on a lower timeline than one this pool has already
+# written to is an old primary that has not yet learnt it was replaced (a frozen node that was
+# resumed): it is refused like an unreachable host. (A cluster made anew, say restored from a
+# dump, has another system identifier and starts afresh.)
+_TIMELINE = "('x' || substr(pg_walfile_name(pg_current_wal_insert_lsn()), 1, 8))::bit(32)::int"
 _FENCE_QUERY = (
-    "SELECT CASE WHEN pg_is_in_recovery() THEN NULL"
-    " ELSE ('x' || substr(pg_walfile_name(pg_current_wal_insert_lsn()), 1, 8))::bit(32)::int"
-    " END"
+    "SELECT (SELECT system_identifier FROM pg_control_system()) AS system,"
+    f" CASE WHEN pg_is_in_recovery() THEN NULL ELSE {_TIMELINE} END AS timeline"
 )
 
 
@@ -109,7 +112,8 @@ class Guard:
 
     def __init__(self) -> None:
         self.primary: str | None = None
-        self.timeline = 0
+        # System identifier -> the newest timeline a writable server of that cluster reported.
+        self.timelines: dict[int, int] = {}
         self._suspects: dict[str, float] = {}
         self._trouble: asyncio.Event | None = None
         self.pool: asyncpg.Pool | None = None
@@ -133,13 +137,14 @@ class Guard:
         if self.primary == host:
             self.primary = None
 
-    def admit(self, host: str, timeline: int | None) -> None:
+    def admit(self, host: str, system: int, timeline: int | None) -> None:
         if timeline is None:
             return
-        if timeline < self.timeline:
+        newest = self.timelines.get(system, 0)
+        if timeline < newest:
             self.suspect(host)
-            raise StalePrimary(host, timeline, self.timeline)
-        self.timeline = timeline
+            raise StalePrimary(host, timeline, newest)
+        self.timelines[system] = timeline
         self.primary = host
         self._suspects.pop(host, None)
 
@@ -163,6 +168,20 @@ class Guard:
 
 def _key(host: str, port: int) -> str:
     return f"{host}:{port}"
+
+
+class _Transaction(asyncpg.transaction.Transaction):
+    """asyncpg's transaction, except that when its body failed and the connection is gone
+    (discarded after a timeout, or a cancelled statement), the body's exception goes on: a
+    ROLLBACK that cannot run must not replace it (a CancelledError turned into an
+    InterfaceError would leave its task running)."""
+
+    async def __aexit__(self, extype: Any, ex: Any, tb: Any) -> None:
+        try:
+            await super().__aexit__(extype, ex, tb)
+        except asyncpg.InterfaceError:
+            if extype is None:
+                raise
 
 
 class BoundedConnection(asyncpg.Connection):
@@ -192,6 +211,12 @@ class BoundedConnection(asyncpg.Connection):
         except TimeoutError:
             await self._silent()
             raise
+
+    def transaction(
+        self, *, isolation: Any = None, readonly: bool = False, deferrable: bool = False
+    ) -> Any:
+        self._check_open()  # type: ignore[attr-defined]
+        return _Transaction(self, isolation, readonly, deferrable)
 
     async def close(self, *, timeout: float | None = None) -> None:  # noqa: ASYNC109 - as asyncpg's
         # A graceful close waits for the server; a frozen one never answers (then: abort).
@@ -321,10 +346,9 @@ async def _admit(
     if guard is None:
         return connection
     try:
-        timeline: int | None = await connection.fetchval(
-            _FENCE_QUERY, timeout=CONNECT_TIMEOUT_SECONDS
-        )
-        guard.admit(host, timeline)
+        row = await connection.fetchrow(_FENCE_QUERY, timeout=CONNECT_TIMEOUT_SECONDS)
+        assert row is not None
+        guard.admit(host, row["system"], row["timeline"])
     except BaseException:
         connection.terminate()
         raise
@@ -414,12 +438,11 @@ class Writability(enum.Enum):
 
 # How long the health watcher's probe may take: a writable primary answers in milliseconds.
 PROBE_TIMEOUT_SECONDS = 1.0
-# The timeline a writable server writes on; NULL when it cannot write.
+# The cluster, and the timeline a writable server writes on (NULL when it cannot write).
 _PROBE_QUERY = (
-    "SELECT CASE WHEN NOT pg_is_in_recovery()"
-    " AND current_setting('transaction_read_only') = 'off'"
-    " THEN ('x' || substr(pg_walfile_name(pg_current_wal_insert_lsn()), 1, 8))::bit(32)::int"
-    " END"
+    "SELECT (SELECT system_identifier FROM pg_control_system()) AS system,"
+    " CASE WHEN NOT pg_is_in_recovery() AND current_setting('transaction_read_only') = 'off'"
+    f" THEN {_TIMELINE} END AS timeline"
 )
 
 
@@ -434,15 +457,15 @@ async def writability(
     guard = guard_of(pool)
     try:
         async with asyncio.timeout(within_seconds), pool.acquire() as conn:
-            timeline: int | None = await conn.fetchval(_PROBE_QUERY)
+            row = await conn.fetchrow(_PROBE_QUERY)
             host = str(getattr(conn, "host", ""))
     except Exception:  # noqa: BLE001 - any failure means "not serving"
         return Writability.UNREACHABLE
-    if timeline is None:
+    if row is None or row["timeline"] is None:
         return Writability.READ_ONLY
     if guard is not None:
         try:
-            guard.admit(host, timeline)
+            guard.admit(host, row["system"], row["timeline"])
         except StalePrimary:
             return Writability.READ_ONLY
     return Writability.WRITABLE
