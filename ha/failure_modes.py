@@ -8,14 +8,16 @@ frozen (and failed over). Prints, for each, what the calls got and how long writ
 A replica on the multi-host URL writes all the time (`multi`), and for the freeze a second one
 on the primary's URL alone (`single`). Each sends a SignIn (a session: one write) every 0.1 s
 with a 10 s deadline. Everything
-it starts is stopped by PID; a frozen node is resumed on any way out.
+it starts is stopped by PID; a frozen node is resumed on any way out. HA_KEEP=1 keeps the
+cluster's directory (logs) under /tmp.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
+import os
+import shutil
 import signal
 import sys
 import tempfile
@@ -206,9 +208,15 @@ async def run(base: Path) -> None:
 def main() -> int:
     install_thaw_guards()
     base = Path(tempfile.mkdtemp(prefix="twofactor-modes-"))
-    with contextlib.suppress(KeyboardInterrupt):
+    try:
         asyncio.run(run(base))
-    print(f"logs in {base}/logs")
+    except Exception as exc:  # noqa: BLE001 - said, and the logs kept
+        print(f"FAIL {type(exc).__name__}: {exc}\nlogs kept in {base}/logs")
+        return 1
+    if os.environ.get("HA_KEEP") == "1":
+        print(f"logs kept in {base}/logs")
+    else:
+        shutil.rmtree(base, ignore_errors=True)
     return 0
 
 
