@@ -40,7 +40,9 @@ rsyslog:
 
 ## PostgreSQL failovers under load on a pg_auto_failover cluster (monitor + primary +
 ## synchronous standby) with two replicas: what survives, and the figures
-## (docs/high-availability.md). As root it installs postgresql-15-auto-failover with apt-get.
+## (docs/high-availability.md). Two modes, each on a fresh cluster: the primary's node killed
+## (SIGKILL), then frozen (SIGSTOP for 25 s); HA_MODE=kill or HA_MODE=freeze runs one.
+## As root it installs postgresql-15-auto-failover with apt-get.
 ## Not part of `make test`; .ci/run runs it after.
 test-ha: install
 	$(PY) -m ha.failover_test

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 import asyncpg
 import grpc
+from grpc_health.v1 import health_pb2
 
 from ha.load import AUDITED, STATE, CycleAccount, Outcome, Record
 from twofactor_service.store.sessions import token_hash
@@ -30,6 +31,10 @@ class Failover:
     # Replica -> (seconds NOT_SERVING seen by the health poll, SERVING again).
     health: dict[str, tuple[float, bool]] = field(default_factory=dict)
     unavailable_seconds: float | None = None
+    # From the kill (or freeze) to the start of the first call acknowledged again.
+    first_write_seconds: float | None = None
+    # Replica -> seconds from the kill (or freeze) to its first health answer not SERVING.
+    health_down_after: dict[str, float] = field(default_factory=dict)
     throughput_before: float = 0.0
     recovered_share: float | None = None
     recovered_within: float | None = None
@@ -127,6 +132,49 @@ async def cycle_states_differ(url: str, accounts: list[CycleAccount]) -> list[st
 
 
 # --- from the record
+
+
+# A replica may report SERVING a little before the test's own poll finds the new primary
+# writable (both poll; the test every 0.1 s plus a connection): not counted as a contradiction.
+WRITABLE_SLACK_SECONDS = 1.0
+
+
+def health_while_failing(
+    samples: list[tuple[float, str, int]],
+    replicas: list[str],
+    kill_at: float,
+    writable_at: float | None,
+) -> tuple[dict[str, float], list[str]]:
+    """How soon after the kill each replica's health stopped saying SERVING, and the problems:
+    SERVING again before a writable primary was back (writes still failing)."""
+    serving = health_pb2.HealthCheckResponse.SERVING
+    down_after: dict[str, float] = {}
+    problems: list[str] = []
+    end = (writable_at or kill_at) - WRITABLE_SLACK_SECONDS
+    for name in replicas:
+        seen = [(t, s) for t, n, s in samples if n == name and t >= kill_at]
+        down = next((t for t, s in seen if s != serving), None)
+        if down is None:
+            down_after[name] = float("inf")
+            continue
+        down_after[name] = down - kill_at
+        early = [t for t, s in seen if down < t < end and s == serving]
+        if early:
+            problems.append(
+                f"{name}: SERVING at +{early[0] - kill_at:.1f} s while no primary took writes "
+                f"(until +{end + WRITABLE_SLACK_SECONDS - kill_at:.1f} s)"
+            )
+    return down_after, problems
+
+
+def deadlines_exceeded(outcomes: list[Outcome]) -> list[str]:
+    """No call may end DEADLINE_EXCEEDED: the service answers UNAVAILABLE in time instead."""
+    return [
+        f"{o.operation} on {o.replica} ended DEADLINE_EXCEEDED after {o.ended - o.started:.1f} s"
+        f" (request {o.request_id})"
+        for o in outcomes
+        if o.code == grpc.StatusCode.DEADLINE_EXCEEDED
+    ]
 
 
 def steps_accepted_twice(record: Record) -> list[str]:

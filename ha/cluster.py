@@ -16,6 +16,7 @@ Every process is stopped by PID at the end.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import os
 import pwd
@@ -33,27 +34,62 @@ import asyncpg
 import psutil
 
 DATABASE = "twofactor"
-# The failover manager's documented tuning (pg_auto_failover "Configuring pg_auto_failover"):
-# the defaults (a 20 s unhealthy timeout, then a 30 s demote timeout) take about a minute to
-# fail over. These take about 20 s on this machine: the monitor checks every second and gives up
-# on a node after 5 s without news from its keeper, and waits 12 s for a primary it cannot
-# reach to stop itself before the standby takes writes.
+# The failover manager's documented tuning (pg_auto_failover "Configuring pg_auto_failover"),
+# chosen for a gap of at most 10 s from the primary's death or freeze to the first acknowledged
+# write (the defaults take about a minute). The monitor checks every node every second, gives up
+# on a health check after 0.5 s (a local network answers in milliseconds; one retry), acts on a
+# node once its keeper has been silent for 2 s, and waits 5 s for a primary it cannot reach to
+# stop itself before the standby takes writes. Why this is safe: docs/high-availability.md.
 MONITOR_SETTINGS = {
     "pgautofailover.health_check_period": "1000",
-    "pgautofailover.health_check_timeout": "1000",
+    "pgautofailover.health_check_timeout": "500",
     "pgautofailover.health_check_max_retries": "1",
-    "pgautofailover.health_check_retry_delay": "500",
-    "pgautofailover.node_considered_unhealthy_timeout": "5000",
-    "pgautofailover.primary_demote_timeout": "12000",
+    "pgautofailover.health_check_retry_delay": "250",
+    "pgautofailover.node_considered_unhealthy_timeout": "2000",
+    "pgautofailover.primary_demote_timeout": "5000",
 }
 # On the data nodes. A demoted primary that pg_rewind cannot bring back is rebuilt with
 # pg_basebackup, which first waits for a spread checkpoint: paced over checkpoint_timeout
 # (default 5 min), that is over a minute of rejoin on this machine; 30 s keeps it short.
-NODE_SETTINGS = {"checkpoint_timeout": "30s"}
+# wal_sender_timeout: a primary cut off from its standby sees its replication connection gone
+# (pg_stat_replication empty) after 3 s instead of 60 s; only then does its keeper count it
+# as isolated (below).
+NODE_SETTINGS = {"checkpoint_timeout": "30s", "wal_sender_timeout": "3s"}
 # A primary that can reach neither the monitor nor its standby stops itself after this long
-# (seconds): kept below primary_demote_timeout, so a primary cut off by the network is down
-# before its standby is promoted (no two writable primaries).
-KEEPER_SETTINGS = {"timeout.network_partition_timeout": "10"}
+# (seconds): with the standby's replication gone after 3 s, the keeper stops PostgreSQL about
+# 4-6 s after the cut, before the monitor lets the standby take writes (at least 2 s + 5 s
+# after the keeper's last report). Synchronous replication guards the writes regardless: the
+# standby stops streaming before it is promoted, so an isolated primary acknowledges nothing.
+KEEPER_SETTINGS = {"timeout.network_partition_timeout": "2"}
+# The freeze mode: how long every process of the primary's node stays stopped (SIGSTOP).
+FREEZE_SECONDS = 25.0
+
+# Every process this module stopped and has not resumed yet: resumed at exit whatever the way
+# out (see `thaw_everything`), so a failed or interrupted run never leaves a node stopped.
+_FROZEN: dict[int, float] = {}
+
+
+def thaw_everything() -> None:
+    """SIGCONT to every process `Cluster.freeze` stopped (idempotent, signal-safe enough: no
+    lock, no allocation beyond a list)."""
+    for pid in list(_FROZEN):
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGCONT)
+        _FROZEN.pop(pid, None)
+
+
+def _thaw_on_signal(signum: int, frame: object) -> None:
+    thaw_everything()
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
+
+
+def install_thaw_guards() -> None:
+    """At exit, and on SIGTERM, SIGINT and SIGHUP, resume every stopped process first."""
+    atexit.register(thaw_everything)
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, _thaw_on_signal)
+
 
 RUN_AS_USER = "postgres"
 PACKAGE = "postgresql-{major}-auto-failover"
@@ -446,9 +482,43 @@ class Cluster:
             node.keeper.wait(timeout=10)
         psutil.wait_procs(victims, timeout=10)
 
+    def freeze(self, node: Node) -> list[int]:
+        """The node stops as a paused VM does: SIGSTOP to its keeper's process group (pg_autoctl
+        and its sub-processes, and the postmaster, which stays in that group) and then to every
+        backend (each in a process group of its own). Nothing is closed: the kernel still
+        accepts connections and acknowledges TCP data, nobody answers. Returns the PIDs, which
+        `thaw` resumes (and `thaw_everything` at any exit)."""
+        stopped: list[int] = []
+        if node.keeper is not None and node.keeper.poll() is None:
+            group = os.getpgid(node.keeper.pid)
+            members = [p.pid for p in psutil.process_iter() if _group_of(p.pid) == group]
+            for pid in members:
+                _FROZEN[pid] = time.monotonic()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(group, signal.SIGSTOP)
+            stopped += members
+        postmaster = node.postmaster_pid()
+        if postmaster is not None:
+            with contextlib.suppress(psutil.Error):
+                parent = psutil.Process(postmaster)
+                for process in [parent, *parent.children(recursive=True)]:
+                    _FROZEN[process.pid] = time.monotonic()
+                    with contextlib.suppress(psutil.Error):
+                        process.send_signal(signal.SIGSTOP)
+                    stopped.append(process.pid)
+        return sorted(set(stopped))
+
+    def thaw(self, pids: list[int]) -> None:
+        for pid in pids:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGCONT)
+            _FROZEN.pop(pid, None)
+
     def stop(self) -> None:
         """Every keeper gets SIGTERM (it stops PostgreSQL, fast mode); whatever still runs after
-        STOP_WITHIN_SECONDS is killed. Data nodes first, the monitor last."""
+        STOP_WITHIN_SECONDS is killed. Data nodes first, the monitor last. A frozen node is
+        resumed first (a stopped process does not act on SIGTERM)."""
+        thaw_everything()
         for node in (*self.nodes, self.monitor):
             if node.keeper is not None and node.keeper.poll() is None:
                 node.keeper.send_signal(signal.SIGTERM)
@@ -461,6 +531,13 @@ class Cluster:
                     self.kill(node)
             if node.postmaster_pid() is not None:  # a postmaster its keeper left behind
                 self.kill(node)
+
+
+def _group_of(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except OSError:
+        return None
 
 
 def _tail(path: Path, lines: int = 25) -> str:

@@ -298,7 +298,10 @@ async def test_a_write_refused_by_a_read_only_server_counts_as_unavailable(
         (TimeoutError(), True),
         (asyncpg.UniqueViolationError("duplicate key"), False),  # bad input, not an outage
         (asyncpg.SerializationError("could not serialize"), False),  # a conflict: ABORTED
-        (asyncpg.QueryCanceledError("statement timeout"), False),  # 57014
+        (
+            asyncpg.QueryCanceledError("statement timeout"),
+            True,
+        ),  # 57014: the server cancelled it; retry shortly
         (ValueError("a bug"), False),
     ],
 )

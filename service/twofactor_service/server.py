@@ -116,30 +116,55 @@ class RunningServer:
 async def _watch_database(pool: asyncpg.Pool, servicer: health.aio.HealthServicer) -> None:
     """Reports SERVING only while the service can write: NOT_SERVING while PostgreSQL is
     unreachable, and also while it answers but cannot write (a standby, a read-only server, a
-    failover in progress), since every RPC writes (SPEC §4). The pool reconnects by itself;
-    connections that reach a read-only server are expired here, so the next ones go through
-    the (multi-host) URL again and find the writable primary."""
+    failover in progress), since every RPC writes (SPEC §4).
+
+    The probe is bounded (database.PROBE_TIMEOUT_SECONDS), so a frozen primary turns health
+    NOT_SERVING within about 2 s; a call that met a silent server turns it at once. Connections
+    that led there are let go: expired at the first failed probe, all closed at the second
+    (or at once after a silent server), so the next ones go through the (multi-host) URL again
+    and find the writable primary; none is ever used on an old primary."""
+    guard = database.guard_of(pool)
     last: database.Writability | None = None
+    failed_probes = 0
+
+    async def report(state: database.Writability) -> None:
+        nonlocal last
+        if state is last:
+            return
+        ok = state is database.Writability.WRITABLE
+        if last is None or ok != (last is database.Writability.WRITABLE):
+            status = (
+                health_pb2.HealthCheckResponse.SERVING
+                if ok
+                else health_pb2.HealthCheckResponse.NOT_SERVING
+            )
+            for name in ("", SERVICE.full_name):
+                await servicer.set(name, status)
+        if ok:
+            log.info("database writable")
+        else:
+            log.warning("database not writable", extra={"database": state.value})
+        last = state
+
     while True:
+        if guard is not None and guard.trouble.is_set():
+            guard.trouble.clear()
+            await report(database.Writability.UNREACHABLE)
         state = await database.writability(pool)
-        if state is database.Writability.READ_ONLY:
-            await pool.expire_connections()
-        if state is not last:
-            ok = state is database.Writability.WRITABLE
-            if last is None or ok != (last is database.Writability.WRITABLE):
-                status = (
-                    health_pb2.HealthCheckResponse.SERVING
-                    if ok
-                    else health_pb2.HealthCheckResponse.NOT_SERVING
-                )
-                for name in ("", SERVICE.full_name):
-                    await servicer.set(name, status)
-            if ok:
-                log.info("database writable")
+        if state is database.Writability.WRITABLE:
+            failed_probes = 0
+        else:
+            failed_probes += 1
+            if guard is not None and failed_probes >= 2:
+                await guard.drop()
             else:
-                log.warning("database not writable", extra={"database": state.value})
-            last = state
-        await asyncio.sleep(HEALTH_INTERVAL_SECONDS)
+                await pool.expire_connections()
+        await report(state)
+        if guard is None:
+            await asyncio.sleep(HEALTH_INTERVAL_SECONDS)
+        else:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(guard.trouble.wait(), HEALTH_INTERVAL_SECONDS)
 
 
 async def start_server(

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 from importlib import resources
 
-from twofactor_service.store.database import Connection
+from twofactor_service.store.database import LONG_STATEMENT_SECONDS, Connection
 
 log = logging.getLogger(__name__)
 
@@ -27,24 +27,38 @@ def available_migrations() -> list[tuple[int, str, str]]:
 async def migrate(conn: Connection) -> list[str]:
     """Applies the migrations this database lacks; returns their names."""
     applied_now = []
-    await conn.execute("SELECT pg_advisory_lock($1)", _ADVISORY_LOCK_KEY)
+    # A migration may rewrite a big table, and waits for another replica's migration: bounded
+    # by LONG_STATEMENT_SECONDS, not the calls' few seconds (the session's statement_timeout is
+    # lifted for it, and RESET to the connection's own afterwards).
+    long = LONG_STATEMENT_SECONDS
+    await conn.execute("SET statement_timeout = 0")
     try:
-        await conn.execute(
-            "CREATE TABLE IF NOT EXISTS schema_migrations ("
-            " version integer PRIMARY KEY, name text NOT NULL,"
-            " applied_at timestamptz NOT NULL DEFAULT now())"
-        )
-        done = {r["version"] for r in await conn.fetch("SELECT version FROM schema_migrations")}
-        for version, name, sql in available_migrations():
-            if version in done:
-                continue
-            async with conn.transaction():
-                await conn.execute(sql)
-                await conn.execute(
-                    "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)", version, name
-                )
-            log.info("applied migration", extra={"migration": name})
-            applied_now.append(name)
+        await conn.execute("SELECT pg_advisory_lock($1)", _ADVISORY_LOCK_KEY, timeout=long)
+        try:
+            await conn.execute(
+                "CREATE TABLE IF NOT EXISTS schema_migrations ("
+                " version integer PRIMARY KEY, name text NOT NULL,"
+                " applied_at timestamptz NOT NULL DEFAULT now())",
+                timeout=long,
+            )
+            done = {
+                r["version"]
+                for r in await conn.fetch("SELECT version FROM schema_migrations", timeout=long)
+            }
+            for version, name, sql in available_migrations():
+                if version in done:
+                    continue
+                async with conn.transaction():
+                    await conn.execute(sql, timeout=long)
+                    await conn.execute(
+                        "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)",
+                        version,
+                        name,
+                    )
+                log.info("applied migration", extra={"migration": name})
+                applied_now.append(name)
+        finally:
+            await conn.execute("SELECT pg_advisory_unlock($1)", _ADVISORY_LOCK_KEY)
     finally:
-        await conn.execute("SELECT pg_advisory_unlock($1)", _ADVISORY_LOCK_KEY)
+        await conn.execute("RESET statement_timeout")
     return applied_now
