@@ -30,6 +30,8 @@ from tests.support import (
 )
 from twofactor_service import housekeeping
 from twofactor_service.config import LockoutPolicy
+from twofactor_service.errors import PasswordChecksBusy
+from twofactor_service.passwords import PasswordChecks
 from twofactor_service.rules import AccountKind
 from twofactor_service.store import accounts
 from twofactor_service.store.database import Connection
@@ -191,3 +193,31 @@ async def test_counts_idle_for_a_day_are_forgotten_for_accounts_and_unknown_name
             assert record is not None
             assert record.failed_attempts == 0
             assert await conn.fetchval("SELECT count(*) FROM unknown_name_attempts") == 0
+
+
+async def test_the_console_holds_at_most_one_password_check_place() -> None:
+    """Sign-ins through the web console (a flood on its anonymous port) take one of the
+    process's places at most: with the console's place held, another console sign-in is refused
+    at once (no queue here), while a backend's own sign-in still gets one of the two places."""
+    checks = PasswordChecks(concurrency=2, queue=0)
+    console_holds = asyncio.Event()
+    release = asyncio.Event()
+
+    async def hold_console_place() -> None:
+        async with checks.slot(through_console=True):
+            console_holds.set()
+            await release.wait()
+
+    holder = asyncio.create_task(hold_console_place())
+    await console_holds.wait()
+    try:
+        with pytest.raises(PasswordChecksBusy):
+            async with checks.slot(through_console=True):
+                pytest.fail("a second console sign-in got a place")
+        places: list[str] = []
+        async with asyncio.timeout(1), checks.slot():
+            places.append("native")
+        assert places == ["native"]
+    finally:
+        release.set()
+        await holder

@@ -8,6 +8,9 @@ from dataclasses import dataclass
 from twofactor_service.rules import Actor
 from twofactor_service.store.audit import AuditEntry
 
+# The peer of a call the web console's bridge forwarded: "console:<browser address>".
+CONSOLE_PEER_PREFIX = "console:"
+
 
 @dataclass(frozen=True)
 class Caller:
@@ -21,6 +24,11 @@ class Caller:
     # step-up proof the call carries, for a protected account it names (the call pipeline's
     # step 5, deferred). None where no proof can come with the call (the command line).
     prove_step_up: Callable[[str], Awaitable[None]] | None = None
+
+    @property
+    def through_console(self) -> bool:
+        """The call came from the web console's bridge (transport/forwarded_peer.py)."""
+        return self.peer.startswith(CONSOLE_PEER_PREFIX)
 
     def audit(self, target: str, *, success: bool = True, reason: str = "") -> AuditEntry:
         return AuditEntry(

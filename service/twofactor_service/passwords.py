@@ -10,6 +10,12 @@ refused at once (PasswordChecksBusy: RESOURCE_EXHAUSTED with RetryInfo). The has
 threads of their own in the lowest CPU class (SCHED_IDLE), so the event loop, which serves
 VerifyCode and the administrators, and PostgreSQL take the CPU first and a flood of sign-ins
 gets what is left. No database connection is held while a hash runs (the callers make sure of it).
+
+Calls that come through the web console (its peer is "console:…") have a ration of their own
+within that one: one hash at a time and `queue` waiting. argon2 is memory-hard (64 MiB a hash),
+and the memory bandwidth it takes slows VerifyCode whatever its CPU class; the console serves
+people, who sign in one at a time, so an anonymous flood through its port can hold at most one
+of the process's places, and the other places stay for the backends' own sign-ins.
 """
 
 from __future__ import annotations
@@ -57,21 +63,16 @@ def _yield_the_cpu() -> None:
             os.setpriority(os.PRIO_PROCESS, thread, 19)
 
 
-class PasswordChecks:
-    """The ration of argon2 work in this process."""
+class _Ration:
+    """At most `concurrency` holders at once and `queue` waiting; past that, refused at once."""
 
     def __init__(self, concurrency: int, queue: int) -> None:
         self._running = asyncio.Semaphore(concurrency)
         self._queue = queue
         self._waiting = 0
-        self._threads = concurrent.futures.ThreadPoolExecutor(
-            concurrency, thread_name_prefix="argon2", initializer=_yield_the_cpu
-        )
 
     @contextlib.asynccontextmanager
     async def slot(self) -> AsyncIterator[None]:
-        """Holds one of the `concurrency` places for the block; refuses at once when they are
-        all taken and `queue` callers already wait."""
         if self._running.locked() and self._waiting >= self._queue:
             raise PasswordChecksBusy()
         self._waiting += 1
@@ -83,6 +84,32 @@ class PasswordChecks:
             yield
         finally:
             self._running.release()
+
+
+# One hash at a time for the calls of the web console (see the module's docstring).
+CONSOLE_CONCURRENCY = 1
+
+
+class PasswordChecks:
+    """The ration of argon2 work in this process."""
+
+    def __init__(self, concurrency: int, queue: int) -> None:
+        self._process = _Ration(concurrency, queue)
+        self._console = _Ration(CONSOLE_CONCURRENCY, queue)
+        self._threads = concurrent.futures.ThreadPoolExecutor(
+            concurrency, thread_name_prefix="argon2", initializer=_yield_the_cpu
+        )
+
+    @contextlib.asynccontextmanager
+    async def slot(self, *, through_console: bool = False) -> AsyncIterator[None]:
+        """Holds one of the `concurrency` places for the block (and, `through_console`, the
+        console's one place first); refuses at once when they are all taken and `queue`
+        callers already wait."""
+        async with contextlib.AsyncExitStack() as places:
+            if through_console:
+                await places.enter_async_context(self._console.slot())
+            await places.enter_async_context(self._process.slot())
+            yield
 
     async def verify(self, stored_hash: str | None, password: str) -> bool:
         """True when `password` matches; with no stored hash, spends the same time and is False.

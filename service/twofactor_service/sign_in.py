@@ -197,7 +197,7 @@ async def sign_in(
     rules.validate_password(password)
     factor = second_factor(code, recovery_code)
     checks = runtime.password_checks
-    async with checks.slot():
+    async with checks.slot(through_console=caller.through_console):
         async with runtime.pool.acquire() as conn:
             found = await accounts.find_with_active_key(conn, username)
             if found is not None and found[0].kind is AccountKind.DOMAIN:
@@ -325,7 +325,7 @@ async def change_password(
             "NOT_INTERNAL_ACCOUNT", "a domain account's password is changed in its directory"
         )
     checks = runtime.password_checks
-    async with checks.slot():
+    async with checks.slot(through_console=caller.through_console):
         async with runtime.pool.acquire() as conn:
             account = await accounts.find_by_id(conn, actor.account_id)
             ticket = await pay(runtime, conn, account.id)
@@ -363,7 +363,7 @@ async def verify_step_up(
     if not code or (needs_password and not password):
         raise errors.StepUpRequired(target_account.username)
     checks = runtime.password_checks
-    async with checks.slot():
+    async with checks.slot(through_console=caller.through_console):
         async with runtime.pool.acquire() as conn:
             me = await accounts.find_by_id(conn, actor.account_id)
             ticket = await pay(runtime, conn, me.id)

@@ -16,6 +16,8 @@ from typing import Any
 
 import grpc
 
+from twofactor_service.caller import CONSOLE_PEER_PREFIX
+
 # Metadata the bridge adds to each forwarded call; a browser's own headers of these names are
 # never forwarded.
 FORWARDED_FOR = "x-twofactor-forwarded-for"
@@ -42,4 +44,4 @@ def call_peer(context: grpc.aio.ServicerContext[Any, Any]) -> str:
     if forwarded is None or key is None or not hmac.compare_digest(key, BRIDGE_KEY):
         return peer
     printable = "".join(ch if ch.isprintable() else "?" for ch in forwarded)
-    return f"console:{printable[:MAX_FORWARDED_LENGTH]}"
+    return CONSOLE_PEER_PREFIX + printable[:MAX_FORWARDED_LENGTH]
