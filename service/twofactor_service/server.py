@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives import serialization
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from twofactor.v1 import twofactor_service_pb2_grpc as pb_grpc
 
+from twofactor_service import background
 from twofactor_service.audit_chain import seal_periodically
 from twofactor_service.config import Config, ConfigError
 from twofactor_service.console.supervisor import ConsoleEndpoint, start_console
@@ -95,14 +96,9 @@ class RunningServer:
     async def stop(self, grace: float | None = 5.0) -> None:
         """Graceful: stop taking calls, let running ones finish within `grace` seconds."""
         await self.health.enter_graceful_shutdown()
-        self.watcher.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self.watcher
-        for task in (self.sealer, self.housekeeper, self.identity_listener):
+        for task in (self.watcher, self.sealer, self.housekeeper, self.identity_listener):
             if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+                await background.end(task)
         if self.siem is not None:
             await self.siem.stop()
         if self.console is not None:

@@ -46,6 +46,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from twofactor_service import audit_chain as chain
+from twofactor_service import background
 from twofactor_service.config import SiemConfig
 from twofactor_service.siem_connection import ReceiverConnection, ReceiverUnavailable
 from twofactor_service.siem_messages import FORMATS, frame
@@ -321,12 +322,7 @@ class SiemExport:
                 await asyncio.shield(self.task)
         if self.task.done():
             return
-        self.task.cancel()
-        try:
-            await self.task
-        except asyncio.CancelledError:
-            if not self.task.cancelled():  # our own caller is being cancelled
-                raise
+        await background.end(self.task)
 
 
 class SiemCollector(Collector):

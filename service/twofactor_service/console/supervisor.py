@@ -28,6 +28,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from twofactor_service import background
 from twofactor_service.config import Config, ConfigError
 from twofactor_service.console.process import ConsoleSettings
 from twofactor_service.transport.forwarded_peer import BRIDGE_KEY
@@ -65,9 +66,7 @@ class ConsoleEndpoint:
     async def stop(self) -> None:
         self.stopping = True
         if self.watcher is not None:
-            self.watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self.watcher
+            await background.end(self.watcher)
         await _end(self.process)
         shutil.rmtree(self.socket_dir, ignore_errors=True)
 
