@@ -31,7 +31,7 @@ from tests.support import (
 from twofactor_service import housekeeping
 from twofactor_service.config import LockoutPolicy
 from twofactor_service.errors import PasswordChecksBusy
-from twofactor_service.passwords import PasswordChecks
+from twofactor_service.passwords import CONSOLE_REST_FACTOR, PasswordChecks
 from twofactor_service.rules import AccountKind
 from twofactor_service.store import accounts
 from twofactor_service.store.database import Connection
@@ -221,3 +221,23 @@ async def test_the_console_holds_at_most_one_password_check_place() -> None:
     finally:
         release.set()
         await holder
+
+
+async def test_the_consoles_place_rests_three_times_as_long_as_it_was_held() -> None:
+    """A flood through the console keeps its hashes to a quarter of one core's time: after a
+    check that held the console's place for `held` seconds, the next console sign-in starts
+    only 3 * `held` later, while a backend's sign-in is not held back."""
+    checks = PasswordChecks(concurrency=2, queue=4)
+    loop = asyncio.get_running_loop()
+    held = 0.2
+    async with checks.slot(through_console=True):
+        await asyncio.sleep(held)  # stands for the hash
+    let_go = loop.time()
+
+    async with asyncio.timeout(1), checks.slot():
+        native_started = loop.time()
+    async with asyncio.timeout(5), checks.slot(through_console=True):
+        console_started = loop.time()
+
+    assert native_started - let_go < held
+    assert console_started - let_go >= CONSOLE_REST_FACTOR * held

@@ -12,10 +12,12 @@ VerifyCode and the administrators, and PostgreSQL take the CPU first and a flood
 gets what is left. No database connection is held while a hash runs (the callers make sure of it).
 
 Calls that come through the web console (its peer is "console:…") have a ration of their own
-within that one: one hash at a time and `queue` waiting. argon2 is memory-hard (64 MiB a hash),
-and the memory bandwidth it takes slows VerifyCode whatever its CPU class; the console serves
-people, who sign in one at a time, so an anonymous flood through its port can hold at most one
-of the process's places, and the other places stay for the backends' own sign-ins.
+within that one: one hash at a time, `queue` waiting, and after each a rest of
+CONSOLE_REST_FACTOR times as long as it held its place, so the console's hashes take at most a
+quarter of one core's time. argon2 is memory-hard (64 MiB a hash), and the memory bandwidth and
+caches it takes slow VerifyCode whatever its CPU class; the console serves people, who sign in
+one at a time and seconds apart, so an anonymous flood through its port holds at most one of the
+process's places a quarter of the time, and the rest stays for the backends' own sign-ins.
 """
 
 from __future__ import annotations
@@ -64,30 +66,47 @@ def _yield_the_cpu() -> None:
 
 
 class _Ration:
-    """At most `concurrency` holders at once and `queue` waiting; past that, refused at once."""
+    """At most `concurrency` holders at once and `queue` waiting; past that, refused at once.
+    With a `rest_factor`, a place held for t seconds is taken again only rest_factor * t
+    seconds after it was let go (the next holder waits for it, counted as waiting)."""
 
-    def __init__(self, concurrency: int, queue: int) -> None:
+    def __init__(self, concurrency: int, queue: int, rest_factor: float = 0.0) -> None:
         self._running = asyncio.Semaphore(concurrency)
         self._queue = queue
         self._waiting = 0
+        self._rest_factor = rest_factor
+        self._rested_at = 0.0  # event loop time
 
     @contextlib.asynccontextmanager
     async def slot(self) -> AsyncIterator[None]:
         if self._running.locked() and self._waiting >= self._queue:
             raise PasswordChecksBusy()
+        loop = asyncio.get_running_loop()
         self._waiting += 1
         try:
             await self._running.acquire()
+            try:
+                rest = self._rested_at - loop.time()
+                if rest > 0:
+                    await asyncio.sleep(rest)
+            except BaseException:
+                self._running.release()
+                raise
         finally:
             self._waiting -= 1
+        taken = loop.time()
         try:
             yield
         finally:
+            let_go = loop.time()
+            self._rested_at = let_go + self._rest_factor * (let_go - taken)
             self._running.release()
 
 
-# One hash at a time for the calls of the web console (see the module's docstring).
+# The calls of the web console: one hash at a time, and a rest three times as long after each,
+# so they take at most a quarter of one core (see the module's docstring).
 CONSOLE_CONCURRENCY = 1
+CONSOLE_REST_FACTOR = 3.0
 
 
 class PasswordChecks:
@@ -95,7 +114,7 @@ class PasswordChecks:
 
     def __init__(self, concurrency: int, queue: int) -> None:
         self._process = _Ration(concurrency, queue)
-        self._console = _Ration(CONSOLE_CONCURRENCY, queue)
+        self._console = _Ration(CONSOLE_CONCURRENCY, queue, CONSOLE_REST_FACTOR)
         self._threads = concurrent.futures.ThreadPoolExecutor(
             concurrency, thread_name_prefix="argon2", initializer=_yield_the_cpu
         )
