@@ -26,7 +26,7 @@ from twofactor.v1 import twofactor_service_pb2_grpc as pb_grpc
 
 from twofactor_service import administration, rules
 from twofactor_service.caller import Caller
-from twofactor_service.config import Config
+from twofactor_service.config import MIN_HASH_MEMORY_KIB, MIN_HASH_PASSES, Config
 from twofactor_service.encryption import KeyRing, new_key_line, parse_keys
 from twofactor_service.rules import AccountKind
 from twofactor_service.runtime import Runtime
@@ -82,10 +82,15 @@ def temporary_database(server_url: str | None, scratch: Path) -> Iterator[str]:
 
 
 def test_config(**overrides: object) -> Config:
+    """The suite's servers, with the cheapest password hashes the service accepts (OWASP's
+    minimum) for the thousands of accounts it makes. The tests of floods run `twofactor serve`
+    with the default cost: their guesses of unknown names are checked against its dummy hash."""
     base = Config(
         database_url="postgresql://unused",
         listen_address="127.0.0.1:0",
         console_address="127.0.0.1:0",
+        password_hash_memory_kib=MIN_HASH_MEMORY_KIB,
+        password_hash_passes=MIN_HASH_PASSES,
     )
     return Config(**{**base.__dict__, **overrides})
 

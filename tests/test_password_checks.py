@@ -29,7 +29,7 @@ from tests.support import (
     scratch_database,
 )
 from twofactor_service import housekeeping
-from twofactor_service.config import LockoutPolicy
+from twofactor_service.config import ConfigError, LockoutPolicy, load_config
 from twofactor_service.errors import PasswordChecksBusy
 from twofactor_service.passwords import CONSOLE_REST_FACTOR, PasswordChecks
 from twofactor_service.rules import AccountKind
@@ -241,3 +241,29 @@ async def test_the_consoles_place_rests_three_times_as_long_as_it_was_held() -> 
 
     assert native_started - let_go < held
     assert console_started - let_go >= CONSOLE_REST_FACTOR * held
+
+
+@pytest.mark.parametrize(
+    ("variable", "too_low"),
+    [("TWOFACTOR_PASSWORD_HASH_MEMORY_KIB", "19455"), ("TWOFACTOR_PASSWORD_HASH_PASSES", "1")],
+)
+def test_a_password_hash_cost_below_owasps_minimum_is_a_configuration_error(
+    variable: str, too_low: str
+) -> None:
+    with pytest.raises(ConfigError, match=f"{variable} must be between"):
+        load_config({variable: too_low})
+
+
+async def test_new_password_hashes_cost_what_is_configured(actors: Actors, db: Connection) -> None:
+    """By default RFC 9106's second recommended option; the suite's own server is configured
+    with OWASP's minimum, and an account it makes is hashed at that cost."""
+    assert (load_config({}).password_hash_memory_kib, load_config({}).password_hash_passes) == (
+        65536,
+        3,
+    )
+    person = await actors.create("user")
+    stored = await db.fetchval(
+        "SELECT password_hash FROM accounts WHERE username_key = $1",
+        accounts.username_key(person.username),
+    )
+    assert stored.startswith("$argon2id$v=19$m=19456,t=2,p=4$")

@@ -38,18 +38,29 @@ from twofactor_service.errors import PasswordChecksBusy
 T = TypeVar("T")
 
 _hasher = PasswordHasher()
-_DUMMY_HASH = _hasher.hash("not a real password: equalises timing for unknown accounts")
+_DUMMY = "not a real password: equalises timing for unknown accounts"
 
 
 def hash_password(password: str) -> str:
     return _hasher.hash(password)
 
 
-def _verify(stored_hash: str | None, password: str) -> bool:
-    try:
-        return _hasher.verify(stored_hash or _DUMMY_HASH, password) and stored_hash is not None
-    except (VerificationError, InvalidHashError):
-        return False
+class _Hasher:
+    """argon2id at one cost, with a dummy hash of that cost for unknown accounts."""
+
+    def __init__(self, memory_kib: int, passes: int) -> None:
+        self._hasher = PasswordHasher(memory_cost=memory_kib, time_cost=passes)
+        self._dummy_hash = self._hasher.hash(_DUMMY)
+
+    def hash(self, password: str) -> str:
+        return self._hasher.hash(password)
+
+    def verify(self, stored_hash: str | None, password: str) -> bool:
+        try:
+            matches = self._hasher.verify(stored_hash or self._dummy_hash, password)
+        except (VerificationError, InvalidHashError):
+            return False
+        return matches and stored_hash is not None
 
 
 def _yield_the_cpu() -> None:
@@ -112,7 +123,10 @@ CONSOLE_REST_FACTOR = 3.0
 class PasswordChecks:
     """The ration of argon2 work in this process."""
 
-    def __init__(self, concurrency: int, queue: int) -> None:
+    def __init__(
+        self, concurrency: int, queue: int, memory_kib: int = 65536, passes: int = 3
+    ) -> None:
+        self._hasher = _Hasher(memory_kib, passes)
         self._process = _Ration(concurrency, queue)
         self._console = _Ration(CONSOLE_CONCURRENCY, queue, CONSOLE_REST_FACTOR)
         self._threads = concurrent.futures.ThreadPoolExecutor(
@@ -133,11 +147,11 @@ class PasswordChecks:
     async def verify(self, stored_hash: str | None, password: str) -> bool:
         """True when `password` matches; with no stored hash, spends the same time and is False.
         Call inside `slot()`."""
-        return await self._run(_verify, stored_hash, password)
+        return await self._run(self._hasher.verify, stored_hash, password)
 
     async def hash(self, password: str) -> str:
         async with self.slot():
-            return await self._run(_hasher.hash, password)
+            return await self._run(self._hasher.hash, password)
 
     async def _run(self, work: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._threads, work, *args)

@@ -35,5 +35,10 @@ class Runtime:
         object.__setattr__(
             self,
             "password_checks",
-            PasswordChecks(self.config.password_checks, self.config.password_check_queue),
+            PasswordChecks(
+                self.config.password_checks,
+                self.config.password_check_queue,
+                self.config.password_hash_memory_kib,
+                self.config.password_hash_passes,
+            ),
         )
