@@ -59,8 +59,9 @@ WCAG_21_AA = {
     "runOnly": {"type": "tag", "values": ["wcag2a", "wcag2aa", "wcag21a", "wcag21aa"]},
     "resultTypes": ["violations"],
 }
-# How many Tab presses may lie between two controls of one screen.
+# Tab presses to reach a control: once around the page's stops (FOCUSABLE), and this many more.
 MAX_TABS = 60
+FOCUSABLE = "a[href], button, input, select, textarea, [tabindex]:not([tabindex='-1'])"
 expect.set_options(timeout=STEP_TIMEOUT_MS)
 
 
@@ -401,14 +402,26 @@ async def is_focused(target: Locator) -> bool:
     return bool(await target.evaluate("element => element === document.activeElement"))
 
 
+# Whether `target` (the element) comes before the focused element in the page.
+_BEFORE_THE_FOCUS = """target => {
+    const focus = document.activeElement;
+    return focus !== null && focus !== document.body &&
+        Boolean(target.compareDocumentPosition(focus) & Node.DOCUMENT_POSITION_FOLLOWING);
+}"""
+
+
 async def tab_to(page: Page, target: Locator) -> None:
-    """Presses Tab until `target` has the focus, as a person moving through the page does."""
+    """Presses Tab until `target` has the focus, as a person moving through the page does:
+    Shift+Tab when it is above the focus. The suite's database fills the lists of the pages
+    as it goes (every account of every test), so a page holds ever more stops."""
     await expect(target).to_be_visible()
-    for _ in range(MAX_TABS):
+    key = "Shift+Tab" if await target.evaluate(_BEFORE_THE_FOCUS) else "Tab"
+    stops = await page.locator(FOCUSABLE).count()
+    for _ in range(MAX_TABS + stops):
         if await is_focused(target):
             return
-        await page.keyboard.press("Tab")
-    raise AssertionError(f"{MAX_TABS} presses of Tab never reached {target}")
+        await page.keyboard.press(key)
+    raise AssertionError(f"{MAX_TABS + stops} presses of {key} never reached {target}")
 
 
 async def press_on(page: Page, target: Locator, key: str = "Enter") -> None:
