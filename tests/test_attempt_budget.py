@@ -97,6 +97,18 @@ def code_burst(secret: str | None, position: int | None, *, ahead: float = 0.0) 
 Call = Callable[[Replica, Any, Metadata], Awaitable[Any]]
 
 
+def signing_in(request_for: Callable[[str], pb.SignInRequest]) -> Call:
+    """A burst's call: SignIn with the request `request_for` makes of the burst's item."""
+
+    async def sign_in(replica: Replica, item: str, metadata: Metadata) -> pb.SignInResponse:
+        response: pb.SignInResponse = await replica.stub.SignIn(
+            request_for(item), metadata=metadata, timeout=60
+        )
+        return response
+
+    return sign_in
+
+
 @dataclass
 class Answers:
     """What the callers of one burst were told."""
@@ -279,13 +291,7 @@ async def test_sign_in_password_bursts_keep_the_budget(
         burst_of([f"wrong password {n}" for n in range(BURST)], person.password, position)
     )
 
-    async def sign_in(replica: Replica, password: str, metadata: Metadata) -> pb.SignInResponse:
-        request = pb.SignInRequest(username=person.username, password=password)
-        response: pb.SignInResponse = await replica.stub.SignIn(
-            request, metadata=metadata, timeout=60
-        )
-        return response
-
+    sign_in = signing_in(lambda p: pb.SignInRequest(username=person.username, password=p))
     answers = Answers.of(await burst.fire(replicas, sign_in), refusal_reason)
     check_round(answers, await burst.events(actors, admin, "SignIn"), position)
 
@@ -298,13 +304,9 @@ async def test_sign_in_code_bursts_keep_the_budget(
     person = await enroll_on(replicas[0], await actors.create("user"))
     burst = code_burst(person.secret, position, ahead=PERIOD)
 
-    async def sign_in(replica: Replica, code: str, metadata: Metadata) -> pb.SignInResponse:
-        request = pb.SignInRequest(username=person.username, password=person.password, code=code)
-        response: pb.SignInResponse = await replica.stub.SignIn(
-            request, metadata=metadata, timeout=60
-        )
-        return response
-
+    sign_in = signing_in(
+        lambda c: pb.SignInRequest(username=person.username, password=person.password, code=c)
+    )
     answers = Answers.of(await burst.fire(replicas, sign_in), refusal_reason)
     check_round(answers, await burst.events(actors, admin, "SignIn"), position)
 
@@ -423,15 +425,11 @@ async def test_sign_in_recovery_code_bursts_keep_the_budget(
         burst_of([new_code() for _ in range(BURST)], generated.recovery_codes[0], position)
     )
 
-    async def sign_in(replica: Replica, code: str, metadata: Metadata) -> pb.SignInResponse:
-        request = pb.SignInRequest(
-            username=person.username, password=person.password, recovery_code=code
+    sign_in = signing_in(
+        lambda c: pb.SignInRequest(
+            username=person.username, password=person.password, recovery_code=c
         )
-        response: pb.SignInResponse = await replica.stub.SignIn(
-            request, metadata=metadata, timeout=60
-        )
-        return response
-
+    )
     answers = Answers.of(await burst.fire(replicas, sign_in), refusal_reason)
     check_round(answers, await burst.events(actors, admin, "SignIn"), position)
 

@@ -14,24 +14,19 @@ import json
 import os
 import signal
 import statistics
-import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import psutil
-import pyotp
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from twofactor.v1 import enums_pb2
-from twofactor.v1 import twofactor_service_pb2 as pb
 
+from tests.alternating import alternate, verify_code_probe
 from tests.replicas import Replica, start_replica, stop_replica, wait_serving
-from tests.support import VOUCH_RIGHT, Actors, wait_until
+from tests.support import Actors, wait_until
 from twofactor_service.console.front_door import RefusalLog
-from twofactor_service.rules import AccountKind
-from twofactor_service.store import accounts
 from twofactor_service.store.database import Connection
 
 # Many short blocks: whatever else runs on the machine changes over seconds, and weighs on both
@@ -80,32 +75,7 @@ async def served(
 async def test_an_attacked_console_leaves_verify_code_health_and_memory_alone(
     served: Replica, actors: Actors, db: Connection
 ) -> None:
-    verifier = await actors.service()
-    voucher = await actors.service(VOUCH_RIGHT)
-    person = await actors.create("user", kind=AccountKind.DOMAIN)
-    started = await served.stub.SignInDomainAccount(
-        pb.SignInDomainAccountRequest(username=person.username), metadata=voucher.metadata()
-    )
-    secret = started.enrollment.pending_key.secret_base32
-    await served.stub.CompleteEnrollment(
-        pb.CompleteEnrollmentRequest(
-            enrollment_ticket=started.enrollment.enrollment_ticket, code=pyotp.TOTP(secret).now()
-        )
-    )
-
-    async def probe() -> float:
-        """One VerifyCode with a wrong code, timed; its failure is forgotten afterwards, so the
-        probes never lock the account."""
-        request = pb.VerifyCodeRequest(username=person.username, code="000000")
-        began = time.perf_counter()
-        response = await served.stub.VerifyCode(request, metadata=verifier.metadata(), timeout=30)
-        took = time.perf_counter() - began
-        assert response.result != enums_pb2.VERIFY_CODE_RESULT_FAILED_MAX_ATTEMPTS
-        await db.execute(
-            "UPDATE accounts SET failed_attempts = 0 WHERE username_key = $1",
-            accounts.username_key(person.username),
-        )
-        return took
+    probe = await verify_code_probe(served.stub, actors, db)
 
     # Every change of health the server reports while this runs.
     health: Any = health_pb2_grpc.HealthStub(served.channel)
@@ -129,44 +99,26 @@ async def test_an_attacked_console_leaves_verify_code_health_and_memory_alone(
         return sum(p.memory_info().rss for p in (serve, *console_processes(serve)))
 
     console_address = served.console_url.removeprefix("http://").rstrip("/")
-    # The attacker in the lowest CPU class (SCHED_IDLE): it stands for clients on other
-    # machines, whose CPU is not the server's (here all share two cores).
-    attacker = await asyncio.create_subprocess_exec(
-        "chrt",
-        "--idle",
-        "0",
-        sys.executable,
-        "-m",
-        "tests.hostile_console",
-        console_address,
-        stdout=asyncio.subprocess.PIPE,
-    )
-    assert attacker.stdout is not None
-
-    async def said(what: bytes) -> None:
-        assert attacker.stdout is not None
-        assert await asyncio.wait_for(attacker.stdout.readline(), 60) == what
-
-    quiet: list[float] = []
-    attacked: list[float] = []
     peak = at_rest = resident()
+
+    def note_peak() -> None:
+        nonlocal peak
+        peak = max(peak, resident())
+
     try:
-        await said(b"attacking\n")
-        for _ in range(BLOCKS):
-            for _ in range(PROBES):
-                attacked.append(await probe())
-                peak = max(peak, resident())
-            attacker.send_signal(signal.SIGUSR1)
-            await said(b"paused\n")
-            quiet += [await probe() for _ in range(PROBES)]
-            attacker.send_signal(signal.SIGUSR2)
-            await said(b"attacking\n")
+        timed = await alternate(
+            "tests.hostile_console",
+            [console_address],
+            b"attacking",
+            probe,
+            blocks=BLOCKS,
+            probes=PROBES,
+            after_attacked_probe=note_peak,
+        )
     finally:
-        attacker.terminate()
-        report, _ = await attacker.communicate()
         watch.cancel()
         follower.cancel()
-    answers = json.loads(report)
+    answers = timed.report
 
     # The attack was one: each kind was answered by the front door as it should be.
     assert answers["bomb"].get("415", 0) > 0, answers
@@ -178,7 +130,8 @@ async def test_an_attacked_console_leaves_verify_code_health_and_memory_alone(
     assert answers["sign-in"].get("200", 0) > 0, answers
     # Health never left SERVING.
     assert set(statuses) == {health_pb2.HealthCheckResponse.SERVING}, statuses
-    quiet_median, attacked_median = statistics.median(quiet), statistics.median(attacked)
+    quiet_median = statistics.median(timed.quiet)
+    attacked_median = statistics.median(timed.attacked)
     assert attacked_median <= 2 * quiet_median, (
         f"quiet median {quiet_median * 1000:.1f} ms",
         f"attacked median {attacked_median * 1000:.1f} ms",

@@ -5,23 +5,17 @@ flood of made-up names cannot grow the table of their counters past its bound.""
 from __future__ import annotations
 
 import asyncio
-import json
-import signal
 import statistics
-import sys
-import time
 import uuid
 from pathlib import Path
 
 import grpc
-import pyotp
 import pytest
-from twofactor.v1 import enums_pb2
 from twofactor.v1 import twofactor_service_pb2 as pb
 
+from tests.alternating import alternate, verify_code_probe
 from tests.replicas import start_replica, stop_replica, wait_serving
 from tests.support import (
-    VOUCH_RIGHT,
     Actors,
     TestClock,
     error_reason,
@@ -32,7 +26,6 @@ from twofactor_service import housekeeping
 from twofactor_service.config import ConfigError, LockoutPolicy, load_config
 from twofactor_service.errors import PasswordChecksBusy
 from twofactor_service.passwords import CONSOLE_REST_FACTOR, PasswordChecks
-from twofactor_service.rules import AccountKind
 from twofactor_service.store import accounts
 from twofactor_service.store.database import Connection
 
@@ -50,79 +43,25 @@ async def test_a_sign_in_flood_leaves_verify_code_within_three_times_its_idle_la
     replica = start_replica(database_url, tmp_path / "replica.log")
     try:
         await wait_serving(replica)
-        verifier = await actors.service()
-        voucher = await actors.service(VOUCH_RIGHT)
-        person = await actors.create("user", kind=AccountKind.DOMAIN)
-        started = await replica.stub.SignInDomainAccount(
-            pb.SignInDomainAccountRequest(username=person.username), metadata=voucher.metadata()
-        )
-        secret = started.enrollment.pending_key.secret_base32
-        await replica.stub.CompleteEnrollment(
-            pb.CompleteEnrollmentRequest(
-                enrollment_ticket=started.enrollment.enrollment_ticket,
-                code=pyotp.TOTP(secret).now(),
-            )
-        )
-
-        async def probe() -> float:
-            """One VerifyCode with a wrong code, timed; its failure is forgotten afterwards, so
-            the probes never lock the account."""
-            request = pb.VerifyCodeRequest(username=person.username, code="000000")
-            began = time.perf_counter()
-            response = await replica.stub.VerifyCode(request, metadata=verifier.metadata())
-            took = time.perf_counter() - began
-            assert response.result != enums_pb2.VERIFY_CODE_RESULT_FAILED_MAX_ATTEMPTS
-            await db.execute(
-                "UPDATE accounts SET failed_attempts = 0 WHERE username_key = $1",
-                accounts.username_key(person.username),
-            )
-            return took
-
-        # The guesser runs in the lowest CPU class (SCHED_IDLE): it stands for a client on
-        # another machine, whose own CPU is not the server's (here all share two cores).
-        flooder = await asyncio.create_subprocess_exec(
-            "chrt",
-            "--idle",
-            "0",
-            sys.executable,
-            "-m",
+        probe = await verify_code_probe(replica.stub, actors, db)
+        # Idle: the flooder is paused, and none of its calls is in flight.
+        timed = await alternate(
             "tests.flood",
-            replica.address,
-            str(FLOOD_CONCURRENCY),
-            stdout=asyncio.subprocess.PIPE,
+            [replica.address, str(FLOOD_CONCURRENCY)],
+            b"flooding",
+            probe,
+            blocks=BLOCKS,
+            probes=PROBES,
         )
-        assert flooder.stdout is not None
-
-        async def said(what: bytes) -> None:
-            assert flooder.stdout is not None
-            assert await asyncio.wait_for(flooder.stdout.readline(), 60) == what
-
-        # Idle and flooded blocks alternate, so that whatever else changes on the machine
-        # meanwhile weighs on both medians alike. Idle: the flooder is paused, and none of its
-        # calls is in flight.
-        idle: list[float] = []
-        flooded: list[float] = []
-        try:
-            await said(b"flooding\n")
-            for _ in range(BLOCKS):
-                flooded += [await probe() for _ in range(PROBES)]
-                flooder.send_signal(signal.SIGUSR1)
-                await said(b"paused\n")
-                idle += [await probe() for _ in range(PROBES)]
-                flooder.send_signal(signal.SIGUSR2)
-                await said(b"flooding\n")
-        finally:
-            flooder.terminate()
-            report, _ = await flooder.communicate()
-        answers = json.loads(report)
     finally:
         assert await stop_replica(replica) == 0, replica.log.read_text()
 
     # The flood was one: the ration of password checks was full, and the rest were shed at once
     # (the guesses admitted are checked at the lowest CPU priority, when the CPU is free).
+    answers = timed.report
     assert answers["PASSWORD_CHECKS_BUSY"] > 0, answers
     assert set(answers) <= {"INVALID_CREDENTIALS", "PASSWORD_CHECKS_BUSY"}, answers
-    idle_median, flooded_median = statistics.median(idle), statistics.median(flooded)
+    idle_median, flooded_median = statistics.median(timed.quiet), statistics.median(timed.attacked)
     assert flooded_median <= 3 * idle_median, (
         f"idle median {idle_median * 1000:.1f} ms",
         f"flooded median {flooded_median * 1000:.1f} ms",

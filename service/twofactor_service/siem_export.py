@@ -52,6 +52,7 @@ from twofactor_service.siem_connection import ReceiverConnection, ReceiverUnavai
 from twofactor_service.siem_messages import FORMATS, frame
 from twofactor_service.store import audit_chain, database, siem_cursor
 from twofactor_service.store.audit_chain import ChainRow, Cursor
+from twofactor_service.transport.metrics import read_at_scrape
 
 log = logging.getLogger(__name__)
 
@@ -336,21 +337,6 @@ class SiemCollector(Collector):
         self.loop = loop
         self.status = status
 
-    async def _lag(self) -> tuple[int, float]:
-        async with asyncio.timeout(LAG_QUERY_TIMEOUT_SECONDS), self.pool.acquire() as conn:
-            return await siem_cursor.lag(conn)
-
-    def _read_lag(self) -> tuple[int, float] | None:
-        try:
-            future = asyncio.run_coroutine_threadsafe(self._lag(), self.loop)
-        except RuntimeError:  # the loop is closed: the server is stopping
-            return None
-        try:
-            return future.result(timeout=LAG_QUERY_TIMEOUT_SECONDS + 1)
-        except Exception:  # noqa: BLE001 - any failure means "not known now"
-            future.cancel()
-            return None
-
     def collect(self) -> Iterable[Metric]:
         yield GaugeMetricFamily(
             "twofactor_siem_exporting",
@@ -364,7 +350,7 @@ class SiemCollector(Collector):
         )
         yield from EVENTS_SENT.collect()
         yield from RECEIVER_FAILURES.collect()
-        lag = self._read_lag()
+        lag = read_at_scrape(self.loop, self.pool, siem_cursor.lag, LAG_QUERY_TIMEOUT_SECONDS)
         if lag is not None:
             yield GaugeMetricFamily(
                 "twofactor_siem_export_lag_events",

@@ -22,9 +22,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 from wsgiref.simple_server import WSGIServer
 
 import asyncpg
@@ -43,9 +43,12 @@ from prometheus_client.registry import Collector
 from twofactor_service.code_checks import CodeCheck
 from twofactor_service.config import ConfigError
 from twofactor_service.store import accounts
+from twofactor_service.store.database import Connection
 from twofactor_service.transport.pipeline import Context, Report
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 # Sign-ins spend argon2 time (a few hundred ms); VerifyCode takes a few ms.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -116,6 +119,32 @@ def reporter(method: str, kind: str) -> Report:
     return report
 
 
+def read_at_scrape(
+    loop: asyncio.AbstractEventLoop,
+    pool: asyncpg.Pool,
+    read: Callable[[Connection], Awaitable[T]],
+    seconds: float,
+) -> T | None:
+    """What `read` finds on a pooled connection, for a scrape: it runs on the server's event
+    loop, where the pool lives (scrapes are served on the HTTP server's thread), within
+    `seconds`. None when it failed or took longer (the database is not reachable now), or
+    the loop is closed (the server is stopping)."""
+
+    async def run() -> T:
+        async with asyncio.timeout(seconds), pool.acquire() as conn:
+            return await read(conn)
+
+    try:
+        future = asyncio.run_coroutine_threadsafe(run(), loop)
+    except RuntimeError:  # the loop is closed
+        return None
+    try:
+        return future.result(timeout=seconds + 1)
+    except Exception:  # noqa: BLE001 - any failure means "not known now"
+        future.cancel()
+        return None
+
+
 class DatabaseCollector(Collector):
     """The pool's gauges and the active lockouts, read when Prometheus scrapes.
 
@@ -125,21 +154,6 @@ class DatabaseCollector(Collector):
     def __init__(self, pool: asyncpg.Pool, loop: asyncio.AbstractEventLoop) -> None:
         self.pool = pool
         self.loop = loop
-
-    async def _count_lockouts(self) -> int:
-        async with asyncio.timeout(QUERY_TIMEOUT_SECONDS), self.pool.acquire() as conn:
-            return await accounts.count_locked_out(conn)
-
-    def _active_lockouts(self) -> int | None:
-        try:
-            future = asyncio.run_coroutine_threadsafe(self._count_lockouts(), self.loop)
-        except RuntimeError:  # the loop is closed: the server is stopping
-            return None
-        try:
-            return future.result(timeout=QUERY_TIMEOUT_SECONDS + 1)
-        except Exception:  # noqa: BLE001 - any failure means "database not reachable now"
-            future.cancel()
-            return None
 
     def collect(self) -> Iterable[Metric]:
         yield GaugeMetricFamily(
@@ -157,7 +171,9 @@ class DatabaseCollector(Collector):
             "The pool's limit (TWOFACTOR_DATABASE_POOL_SIZE).",
             value=self.pool.get_max_size(),
         )
-        locked = self._active_lockouts()
+        locked = read_at_scrape(
+            self.loop, self.pool, accounts.count_locked_out, QUERY_TIMEOUT_SECONDS
+        )
         yield GaugeMetricFamily(
             "twofactor_database_up",
             "1 when this scrape's query reached PostgreSQL, else 0.",
