@@ -23,7 +23,13 @@ from tests.support import (
     scratch_database,
 )
 from twofactor_service import housekeeping
-from twofactor_service.config import ConfigError, LockoutPolicy, load_config
+from twofactor_service.config import (
+    MIN_HASH_MEMORY_KIB,
+    MIN_HASH_PASSES,
+    ConfigError,
+    LockoutPolicy,
+    load_config,
+)
 from twofactor_service.errors import PasswordChecksBusy
 from twofactor_service.passwords import CONSOLE_REST_FACTOR, PasswordChecks
 from twofactor_service.store import accounts
@@ -138,7 +144,7 @@ async def test_the_console_holds_at_most_one_password_check_place() -> None:
     """Sign-ins through the web console (a flood on its anonymous port) take one of the
     process's places at most: with the console's place held, another console sign-in is refused
     at once (no queue here), while a backend's own sign-in still gets one of the two places."""
-    checks = PasswordChecks(concurrency=2, queue=0)
+    checks = PasswordChecks(2, 0, MIN_HASH_MEMORY_KIB, MIN_HASH_PASSES)
     console_holds = asyncio.Event()
     release = asyncio.Event()
 
@@ -166,7 +172,7 @@ async def test_the_consoles_place_rests_three_times_as_long_as_it_was_held() -> 
     """A flood through the console keeps its hashes to a quarter of one core's time: after a
     check that held the console's place for `held` seconds, the next console sign-in starts
     only 3 * `held` later, while a backend's sign-in is not held back."""
-    checks = PasswordChecks(concurrency=2, queue=4)
+    checks = PasswordChecks(2, 4, MIN_HASH_MEMORY_KIB, MIN_HASH_PASSES)
     loop = asyncio.get_running_loop()
     held = 0.2
     async with checks.slot(through_console=True):

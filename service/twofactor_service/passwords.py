@@ -123,9 +123,7 @@ CONSOLE_REST_FACTOR = 3.0
 class PasswordChecks:
     """The ration of argon2 work in this process."""
 
-    def __init__(
-        self, concurrency: int, queue: int, memory_kib: int = 65536, passes: int = 3
-    ) -> None:
+    def __init__(self, concurrency: int, queue: int, memory_kib: int, passes: int) -> None:
         self._hasher = _Hasher(memory_kib, passes)
         self._process = _Ration(concurrency, queue)
         self._console = _Ration(CONSOLE_CONCURRENCY, queue, CONSOLE_REST_FACTOR)
